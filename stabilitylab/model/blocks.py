@@ -1,0 +1,152 @@
+"""Transformer blocks as in the released Parcae models (PARCAE.md §2.4–2.8).
+
+    x = x + attn(norm1(x))          pre-norm (post-norm: x = norm1(x + attn(x)))
+    x = x + mlp(norm2(x))           mlp(x) = proj(0.5 · relu(fc(x))²)
+
+Attention: q, k, v from one fused projection, interleaved RoPE (base 50000) on q and
+k in float32, then a parameter-free RMS norm of q and k over head_dim, causal softmax
+attention with scale 1/√head_dim. An optional value embedding enters as
+v += 2·σ(gate(x[..., :32])) · ve. Out-projections start at zero, so a fresh block is
+the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stabilitylab.config import ModelConfig
+
+VE_GATE_CHANNELS = 32  # the gate reads the first 32 channels of the normed input
+
+
+def scaled_orthogonal_(weight: Tensor, std: float) -> Tensor:
+    """Orthogonal init with gain std·√max(rows, cols): entries have std ≈ `std`, all
+    singular values are equal (the reference's `init_orthogonal` with scaled-zero)."""
+    rows, cols = weight.shape
+    return nn.init.orthogonal_(weight, gain=std * math.sqrt(max(rows, cols)))
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / √(mean(x²) + eps); with fp32=True normalised in float32, cast back,
+    then scaled by w (the reference's order of operations)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, fp32: bool = True):
+        super().__init__()
+        self.eps, self.fp32 = eps, fp32
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fp32 and x.dtype != torch.float32:
+            return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+def rope_table(head_dim: int, length: int, base: float) -> Tensor:
+    """cos and signed sin for interleaved RoPE, shape (2, length, 1, head_dim).
+
+    Pair (x_{2i}, x_{2i+1}) at position p rotates by angle p·base^(-2i/head_dim):
+        x'_{2i}   = x_{2i} cos − x_{2i+1} sin
+        x'_{2i+1} = x_{2i+1} cos + x_{2i} sin
+    which is x·cos + swap(x)·sin_signed with swap exchanging each pair and
+    sin_signed = (−sin, +sin) per pair.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = angles.sin().repeat_interleave(2, dim=-1)
+    sin[:, 0::2] *= -1
+    return torch.stack([cos, sin])[:, :, None, :]
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in float32."""
+    cos, sin = table[:, : x.shape[-3]]
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with fused qkv, RoPE, QK-norm and an optional value-embedding gate."""
+
+    def __init__(self, cfg: ModelConfig, width: int, heads: int, kv_heads: int, has_ve: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.rope, self.qk_norm = cfg.rope, cfg.qk_norm
+        q_dim, kv_dim = heads * self.head_dim, kv_heads * self.head_dim
+        self.qkv = nn.Linear(width, q_dim + 2 * kv_dim, bias=False)
+        self.proj = nn.Linear(q_dim, width, bias=False)
+        self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, width), kv_heads, bias=False) if has_ve else None
+        with torch.no_grad():  # q, k and v each get their own scaled orthogonal init
+            for part in self.qkv.weight.split([q_dim, kv_dim, kv_dim]):
+                scaled_orthogonal_(part, cfg.std)
+            if cfg.zero_init_out:
+                self.proj.weight.zero_()
+            else:
+                scaled_orthogonal_(self.proj.weight, cfg.std)
+
+    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
+        if self.rope:
+            qk = apply_rope(qk, rope)
+        if self.qk_norm:
+            qk = F.rms_norm(qk, (D,))
+        q, k = qk.split([H, Hkv], dim=2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=H != Hkv)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    """proj(act(fc(x))) with act = 0.5·relu(x)² (reference), gelu or silu."""
+
+    def __init__(self, cfg: ModelConfig, width: int, hidden: int):
+        super().__init__()
+        self.act = cfg.mlp_act
+        self.fc = nn.Linear(width, hidden, bias=False)
+        self.proj = nn.Linear(hidden, width, bias=False)
+        with torch.no_grad():
+            scaled_orthogonal_(self.fc.weight, cfg.std)
+            if cfg.zero_init_out:
+                self.proj.weight.zero_()
+            else:
+                scaled_orthogonal_(self.proj.weight, cfg.std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.act == "relu2":
+            h = F.relu(h).square().mul(0.5)
+        elif self.act == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.silu(h)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """One transformer block; `core` picks the loop's widths (d_state, n_state_heads)."""
+
+    def __init__(self, cfg: ModelConfig, core: bool, has_ve: bool):
+        super().__init__()
+        width, heads, kv_heads, hidden = cfg.block_widths(core)
+        self.pre_norm = cfg.norm_position == "pre"
+        self.norm1 = RMSNorm(width, cfg.norm_eps, cfg.norm_fp32)
+        self.attn = Attention(cfg, width, heads, kv_heads, has_ve)
+        self.norm2 = RMSNorm(width, cfg.norm_eps, cfg.norm_fp32)
+        self.mlp = MLP(cfg, width, hidden)
+
+    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rope, ve)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, ve))
+        return self.norm2(x + self.mlp(x))
