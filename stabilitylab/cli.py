@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from stabilitylab.config import ConfigError
+from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -45,10 +46,57 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list the runs of a lab: status, steps, final loss, max ρ(Ā)")
+    p.add_argument("lab", nargs="?", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_runs)
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    """One line per run; a run that cannot be read says why."""
+    import pandas as pd
+
+    from stabilitylab.store import list_runs
+
+    table = list_runs(args.lab)
+    width = max([3, *map(len, table["run_id"])])
+    print(f"{'run':<{width}}  {'status':<20} {'steps':>7} {'final loss':>11} {'max ρ(Ā)':>9} {'max ‖h_T‖':>10}")
+    for row in table.itertuples(index=False):
+        if not row.readable:
+            print(f"{row.run_id:<{width}}  unreadable: {row.error}")
+            continue
+        status = row.status if row.status in ("running", "finished") else f"{row.status}@{int(row.status_step)}"
+        if row.status == "running" and not row.alive:
+            status = "running (no writer)"
+        steps = "-" if pd.isna(row.last_step) else f"{int(row.last_step)}"
+        reason = f"  {row.status_reason}" if row.status in ("diverged", "failed") else ""
+        print(f"{row.run_id:<{width}}  {status:<20} {steps:>7} {row.final_loss:>11.4f} {row.max_rho:>9.4f} "
+              f"{row.max_state_norm:>10.4g}{reason}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's tables to CSV or Parquet files")
+    p.add_argument("run", help="run directory, or run id inside --lab")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
+    p.add_argument("--out", default=None, help="output directory (default: exports/<run id>)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding RUN (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stabilitylab.store import export_run, open_run
+
+    run = open_run(args.run, args.lab)
+    for path in export_run(run, args.out or f"exports/{run.id}", args.format):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo,):
+    for add in (_add_demo, _add_runs, _add_export):
         add(sub)
     return parser
 
@@ -57,6 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StoreError) as err:
         print(f"stabilitylab {args.verb}: {err}", file=sys.stderr)
         return 2
