@@ -169,6 +169,18 @@ def test_resume_truncates_rows_beyond_the_resumed_step_so_no_step_repeats(tmp_pa
     assert list(run.status_history()["status"]) == ["running", "diverged", "running", "finished"]
 
 
+def test_rows_reach_readers_once_a_batch_fills_or_its_time_is_up(tmp_path):
+    with RunWriter.create(tmp_path, "rows", {}, experiment="t", flush_rows=10, flush_seconds=1e9) as w:
+        for step in range(1, 4):
+            w.log(step, {"a": 1.0, "b": 2.0, "c": 3.0})
+        assert Run(tmp_path / "rows").scalars().empty  # 9 values: still buffered
+        w.log(4, {"a": 1.0, "b": 2.0, "c": 3.0})
+        assert len(Run(tmp_path / "rows").scalars()) == 12
+    with RunWriter.create(tmp_path, "time", {}, experiment="t", flush_rows=10**9, flush_seconds=0.0) as w:
+        w.log(1, {"loss": 1.0})
+        assert len(Run(tmp_path / "time").scalars()) == 1
+
+
 def test_logging_a_step_before_the_last_one_is_refused(tmp_path):
     with RunWriter.create(tmp_path, "r", {}, experiment="t") as w:
         w.log(5, {"loss": 1.0})
@@ -359,6 +371,8 @@ def test_reading_writes_nothing_and_the_token_changes_only_when_the_run_grows(tm
         assert Run(path).token() == grown and files(path).keys() == before_live.keys()
     assert live.status == "finished" and run.status()["status"] == "finished"  # attach leaves status alone
     assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "config.json", "run.db", "writer.lock"]
+    with sqlite3.connect(f"{(path / 'run.db').as_uri()}?mode=ro", uri=True) as con:  # a closed run is
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # one plain file again
 
 
 def test_a_writer_closing_while_a_reader_holds_the_run_open_leaves_it_readable(tmp_path):
