@@ -698,8 +698,14 @@ class Run:
         """Long frame (step, name, value), sorted by name then step, for start ≤ step < stop
         and step % stride == 0 (downsampling). A row exists where the name was logged;
         names this run never logged give no rows."""
+        steps, labels, values = self._scalar_arrays(names, start, stop, stride)
+        return pd.DataFrame({"step": steps, "name": pd.array(labels, dtype="str"), "value": values})
+
+    def _scalar_arrays(self, names: Iterable[str] | None, start: int | None, stop: int | None,
+                       stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps int64, names object, values float64) of the long scalar frame."""
         where, params = self._step_filter("step", start, stop, stride)
-        steps, labels, values = [], [], []
+        steps, labels, values = [np.empty(0, np.int64)], [np.empty(0, object)], [np.empty(0, np.float64)]
         with self._connect() as con:
             columns = dict(con.execute("SELECT name, id FROM scalar_columns"))
             for name in sorted(columns if names is None else set(names) & set(columns)):
@@ -711,10 +717,7 @@ class Run:
                     steps.append(np.array(s, dtype=np.int64))
                     values.append(np.array(x, dtype=np.float64))  # None (a NaN) becomes NaN
                     labels.append(np.full(len(rows), name, dtype=object))
-        if not steps:
-            return _frame([], {"step": "int64", "name": "str", "value": "float64"})
-        return pd.DataFrame({"step": np.concatenate(steps), "name": pd.array(np.concatenate(labels), dtype="str"),
-                             "value": np.concatenate(values)})
+        return np.concatenate(steps), np.concatenate(labels), np.concatenate(values)
 
     def traces(self, names: Iterable[str] | None = None, *, start: int | None = None,
                stop: int | None = None, stride: int = 1) -> dict[str, Trace]:
@@ -869,9 +872,13 @@ def read_scalars(runs: Iterable[Run], names: Iterable[str] | None = None, *, sta
     """Scalars of several runs: long (run, step, name, value), or wide with one row per
     (run, step) and one column per name."""
     names = None if names is None else list(names)
-    frames = [run.scalars(names, start=start, stop=stop, stride=stride).assign(run=run.id) for run in runs]
-    columns = {"run": "str", "step": "int64", "name": "str", "value": "float64"}
-    long = pd.concat(frames, ignore_index=True)[list(columns)] if frames else _frame([], columns)
+    ids, steps, labels, values = [np.empty(0, object)], [np.empty(0, np.int64)], [np.empty(0, object)], [np.empty(0)]
+    for run in runs:
+        s, n, v = run._scalar_arrays(names, start, stop, stride)
+        ids.append(np.full(len(s), run.id, dtype=object))
+        steps.append(s), labels.append(n), values.append(v)
+    long = pd.DataFrame({"run": pd.array(np.concatenate(ids), dtype="str"), "step": np.concatenate(steps),
+                         "name": pd.array(np.concatenate(labels), dtype="str"), "value": np.concatenate(values)})
     if not wide:
         return long
     table = long.pivot(index=["run", "step"], columns="name", values="value").reset_index()
