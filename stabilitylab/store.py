@@ -567,6 +567,11 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, run_id={self.id!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (st.cache_data) and copies make their own private copy when they need one:
+        this one is deleted with its owner."""
+        return {**self.__dict__, "_snapshot": None}
+
     # ---- connecting -------------------------------------------------------------------
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -1,9 +1,11 @@
 """The run store: crash safety, live reading, portability, schema versions, export, resume."""
 
+import gc
 import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sqlite3
@@ -389,6 +391,22 @@ def test_a_writer_closing_while_a_reader_holds_the_run_open_leaves_it_readable(t
         w.log(3, {"loss": 0.25})
     held.close()
     assert Run(tmp_path / "r").scalars()["step"].tolist() == [1, 2, 3]
+
+
+def test_a_pickled_run_reads_after_the_original_and_its_private_copy_are_gone(tmp_path):
+    with RunWriter.create(tmp_path / "lab", "r", {}, experiment="t") as w:
+        w.log(1, {"loss": 1.0})
+        w.flush()
+        (tmp_path / "copy").mkdir()  # a live run copied without its -shm: read through a private copy
+        for name in ("run.db", "run.db-wal"):
+            shutil.copyfile(tmp_path / "lab" / "r" / name, tmp_path / "copy" / name)
+    original = Run(tmp_path / "copy")
+    assert original.scalars()["value"].tolist() == [1.0]
+    clone = pickle.loads(pickle.dumps(original))
+    del original
+    gc.collect()
+    assert clone.scalars()["value"].tolist() == [1.0]
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["run.db", "run.db-wal"]
 
 
 def test_a_newer_schema_version_is_refused_with_a_clear_error(tmp_path, monkeypatch):
