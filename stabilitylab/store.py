@@ -195,7 +195,8 @@ class RunWriter:
     `flush_seconds` seconds (checked when something is logged), and at every event,
     checkpoint, status change and close. A kill -9 loses only the rows logged since the
     last flush; the database itself is never corrupted (WAL, synchronous=NORMAL).
-    Logging the same (name, step) twice keeps the last value.
+    Logging the same (name, step) twice keeps the last value. Use a writer from the thread
+    that made it (one SQLite connection); one writer per run (writer.lock).
     """
 
     def __init__(self, run_dir: Path, *, owns_status: bool, flush_rows: int, flush_seconds: float):
