@@ -208,7 +208,8 @@ def test_an_unwritable_cache_dir_is_named_and_left_alone(tmp_path):
     root = folder(tmp_path, {"a.txt": TEXT, "b.txt": TEXT * 12})
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("keep me")
-    with pytest.raises(ConfigError, match=re.escape(f"cache_dir: cannot write to {blocker / 'cache'}") + ".*--cache-dir"):
+    message = re.escape(f"cache_dir: cannot write to {blocker / 'cache'}") + ".*--cache-dir"
+    with pytest.raises(ConfigError, match=message):
         prepare(DataConfig(source=str(root), cache_dir=str(blocker / "cache"), seq_len=8))
     assert blocker.read_text() == "keep me"
 
