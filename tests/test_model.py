@@ -222,3 +222,33 @@ def test_every_ablation_switch_builds_and_trains(batch, option):
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("core."))
+
+
+def test_rope_rotates_each_interleaved_pair_by_its_angle():
+    from stabilitylab.model.blocks import apply_rope, rope_table
+
+    D, T, base = 8, 6, 50000.0
+    x = torch.randn(2, T, 3, D, dtype=torch.float64)
+    out = apply_rope(x, rope_table(D, T, base))
+    for p in range(T):
+        for i in range(D // 2):
+            theta = torch.tensor(p * base ** (-2 * i / D), dtype=torch.float64)
+            a, b = x[:, p, :, 2 * i], x[:, p, :, 2 * i + 1]
+            torch.testing.assert_close(out[:, p, :, 2 * i], a * theta.cos() - b * theta.sin(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out[:, p, :, 2 * i + 1], b * theta.cos() + a * theta.sin(),
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from stabilitylab.model.blocks import apply_rope, rope_table
+
+    table = rope_table(16, 32, 50000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(p: int, s: int) -> float:
+        qp = apply_rope(q.expand(1, 32, 1, 16), table)[0, p, 0]
+        ks = apply_rope(k.expand(1, 32, 1, 16), table)[0, s, 0]
+        return float(qp @ ks)
+
+    assert score(10, 7) == pytest.approx(score(25, 22), rel=1e-5)
+    assert score(10, 7) != pytest.approx(score(10, 8), rel=1e-3)
