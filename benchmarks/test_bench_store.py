@@ -1,17 +1,21 @@
-"""Run-store costs: the writer per training step (against a tiny training step measured in
-the same process), and the dashboard's queries on a lab of 50 runs × 5000 steps.
+"""Run-store costs: the writer per training step, timed side by side with a tiny training
+step (alternating rounds, so the noise of this shared machine hits both alike), and the
+dashboard's queries on a lab of 50 runs × 5000 steps.
 
-    make bench        # or: .venv/bin/python -m pytest benchmarks/test_bench_store.py --benchmark-only
+    make bench        # or: .venv/bin/python -m pytest benchmarks/test_bench_store.py --benchmark-only -s
 
-extra_info of each benchmark carries the derived numbers (µs per step, the ratio).
+extra_info of each benchmark carries the derived numbers (µs per step, the ratio, threads).
 """
 
-import statistics
-import time
+import itertools
 
 import numpy as np
 import pytest
+import torch
+from conftest import THREADS
+from timing import alternate
 
+import stabilitylab as sl
 from stabilitylab import store
 from stabilitylab.store import RunWriter
 
@@ -42,50 +46,40 @@ def log_steps(writer: RunWriter, first: int, data: tuple[list[dict], dict, np.nd
             writer.log_spectrum(step, eigenvalues, norm_a=0.9, norm_b=1.0, norm_c=1.0, norm_e=2.0)
 
 
-def tiny_train_step_seconds() -> float:
-    """Median time of one training step of the `tiny` preset on one CPU thread (batch 8 × 32)."""
-    import torch
-
-    import stabilitylab as sl
-
+def tiny_train_step():
+    """One training step of the `tiny` preset (batch 8 × 32): the cheapest real step here."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine more threads only contend
     cfg = sl.ModelConfig.preset("tiny")
     model = sl.LoopedLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, cfg.vocab_size, (8, 32))
-    times = []
-    for _ in range(25):
-        start = time.perf_counter()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
         model(tokens, targets=tokens, depth=cfg.mean_recurrence).loss.backward()
         optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return statistics.median(times[5:])
+
+    return step
 
 
 def test_writer_cost_per_logged_step(benchmark, tmp_path):
-    """2000 steps per round, flushes included, in a fresh run each round."""
-    steps, made = 2000, iter(range(10 ** 6))
-    rng = np.random.default_rng(0)
+    """Chunks of 1000 logged steps (about 7 flushes each, at the default flush_rows)."""
+    chunk, rng = 1000, np.random.default_rng(0)
+    writer = RunWriter.create(tmp_path, "r", {"model": {}}, experiment="bench")
+    data, firsts = payload(chunk, rng), itertools.count(1, chunk)
 
-    def setup():
-        writer = RunWriter.create(tmp_path, f"r{next(made)}", {"model": {}}, experiment="bench")
-        return (writer, payload(steps, rng)), {}
+    def write_chunk():
+        log_steps(writer, next(firsts), data)
 
-    def write(writer, data):
-        log_steps(writer, 1, data)
-        writer.flush()
-
-    benchmark.pedantic(write, setup=setup, rounds=7, iterations=1)
-    per_step = benchmark.stats.stats.median / steps
-    train_step = tiny_train_step_seconds()
-    benchmark.extra_info.update(us_per_step=round(per_step * 1e6, 2), train_step_ms=round(train_step * 1e3, 2),
-                                ratio_to_tiny_train_step=round(per_step / train_step, 5))
-    print(f"\nwriter: {per_step * 1e6:.1f} µs per step; tiny training step {train_step * 1e3:.1f} ms; "
-          f"ratio {per_step / train_step:.2%}")
+    times = alternate({"train step": tiny_train_step(), "writer": write_chunk}, rounds=15, warmup=2)
+    per_step = times["writer"] / chunk
+    ratio = per_step / times["train step"]
+    benchmark.extra_info.update(threads=THREADS, us_per_step=round(per_step * 1e6, 2),
+                                train_step_ms=round(times["train step"] * 1e3, 2), ratio_to_tiny_train_step=ratio)
+    print(f"\nwriter, {THREADS} threads: {per_step * 1e6:.1f} µs per logged step; tiny training step "
+          f"{times['train step'] * 1e3:.1f} ms; ratio {ratio:.2%}")
+    benchmark.pedantic(write_chunk, rounds=5, iterations=1)
+    writer.close()
 
 
 @pytest.fixture(scope="module")

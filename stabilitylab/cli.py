@@ -46,6 +46,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare the training corpus")
+    verbs = p.add_subparsers(dest="data_verb", required=True, metavar="SUBVERB")
+    q = verbs.add_parser("prepare", help="tokenize a corpus into the cache (or reuse the cached tokens)")
+    q.add_argument("--source", help="'shakespeare' (default) or a folder of UTF-8 .txt files")
+    q.add_argument("--tokenizer", help="char (default), bytes or bpe")
+    q.add_argument("--vocab-size", type=int, dest="bpe_vocab_size", help="vocabulary of the bpe tokenizer")
+    q.add_argument("--cache-dir", help="where token files are cached (default data/cache)")
+    q.set_defaults(handler=_cmd_data_prepare)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Tokenize the corpus (or find it cached) and summarise it."""
+    import time
+
+    from stabilitylab.data import DataConfig, prepare
+
+    fields = ("source", "tokenizer", "bpe_vocab_size", "cache_dir")
+    cfg = DataConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    t0 = time.perf_counter()
+    corpus = prepare(cfg)
+    meta, seconds = corpus.meta, time.perf_counter() - t0
+    held = meta["split"].get("val_files")
+    split = (f"{len(held)} held out: {', '.join(held)}" if held
+             else f"validation = last {meta['split']['tail_fraction']:.0%} of the characters")
+    print(f"source      {cfg.source}: {len(meta['files'])} files ({split})")
+    print(f"characters  {meta['chars']['train']:,} train, {meta['chars']['val']:,} validation")
+    print(f"tokenizer   {meta['tokenizer']}, vocab {meta['vocab_size']:,}")
+    print(f"tokens      {meta['tokens']['train']:,} train, {meta['tokens']['val']:,} validation ({meta['dtype']})")
+    print(f"cache       {corpus.path} ({'rebuilt' if corpus.rebuilt else 'reused'} in {seconds:.2f} s)")
 def _add_runs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="list the runs of a lab: status, steps, final loss, max ρ(Ā)")
     p.add_argument("lab", nargs="?", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
@@ -96,7 +126,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_runs, _add_export):
+    for add in (_add_demo, _add_data, _add_runs, _add_export):
         add(sub)
     return parser
 
