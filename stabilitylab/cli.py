@@ -76,6 +76,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     print(f"tokenizer   {meta['tokenizer']}, vocab {meta['vocab_size']:,}")
     print(f"tokens      {meta['tokens']['train']:,} train, {meta['tokens']['val']:,} validation ({meta['dtype']})")
     print(f"cache       {corpus.path} ({'rebuilt' if corpus.rebuilt else 'reused'} in {seconds:.2f} s)")
+    return 0
+
+
 def _add_runs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="list the runs of a lab: status, steps, final loss, max ρ(Ā)")
     p.add_argument("lab", nargs="?", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
