@@ -164,20 +164,32 @@ class LoopedLM(nn.Module):
             x = self.prelude_norm(x)
         return x
 
-    def initial_state(self, e: Tensor) -> Tensor:
-        """h_0 of shape (B, T, d_state): truncated normal with std √(2/(5·d_model)) cut at
-        ±3σ (reference; fresh every call), zeros, or `seeded` (the same draw every call)."""
-        shape = (*e.shape[:-1], self.cfg.state_dim)
+    def initial_state(self, e: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """h_0 of shape (B, T, d_state) for the prelude output e (B, T, d_model); see draw_state."""
+        return self.draw_state(e.shape[:-1], e.device, e.dtype, generator)
+
+    def draw_state(self, batch_shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """h_0 of shape (*batch_shape, d_state): truncated normal with std √(2/(5·d_model))
+        cut at ±3σ (reference), zeros, or `seeded` (the same draw every call).
+
+        The truncated normal is fresh from torch's global RNG each call, or drawn from
+        `generator` (in float32 on the generator's device, then moved) when one is given:
+        the trainer passes one seeded by (seed, step), so h_0 never depends on global state.
+        """
+        shape = (*batch_shape, self.cfg.state_dim)
         mode = self.cfg.init_state
         if mode == "zero":
-            return e.new_zeros(shape)
+            return torch.zeros(shape, device=device, dtype=dtype)
         std = self.cfg.std
         if mode == "seeded":
-            gen = torch.Generator(device="cpu").manual_seed(self.cfg.init_state_seed)
-            h = nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std, generator=gen)
-            return h.to(device=e.device, dtype=e.dtype)
-        h = torch.empty(shape, device=e.device, dtype=e.dtype)
-        return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std)
+            generator = torch.Generator(device="cpu").manual_seed(self.cfg.init_state_seed)
+        if generator is None:
+            h = torch.empty(shape, device=device, dtype=dtype)
+            return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std)
+        h = torch.empty(shape, device=generator.device)
+        h = nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return h.to(device=device, dtype=dtype)
 
     def _loop_fn(self, e: Tensor, tokens: Tensor | None) -> Callable[[Tensor], Tensor]:
         """F(·; e) with Ā and B̄ e computed once, so calling it T times is the loop."""
