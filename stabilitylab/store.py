@@ -389,6 +389,17 @@ class RunWriter:
         self._con.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                           (_step(step), relative.as_posix(), digest.hexdigest(), size, time.time()))
 
+    def remove_checkpoint(self, step: int) -> None:
+        """Drop the checkpoint files of `step` from the index, then from disk (a trainer's
+        keep-the-newest-k rule). A crash in between leaves stray files, never an index
+        entry without its file."""
+        step = _step(step)
+        self.flush()
+        paths = [p for (p,) in self._con.execute("SELECT path FROM checkpoints WHERE step = ?", (step,))]
+        self._con.execute("DELETE FROM checkpoints WHERE step = ?", (step,))
+        for path in paths:
+            (self.run_dir / path).unlink(missing_ok=True)
+
     def set_status(self, status: str, step: int | None = None, reason: str = "") -> None:
         """running → finished | diverged | failed, at `step` (default: the last logged
         step), with a reason. Flushes first; a diverged run keeps everything."""
