@@ -1,0 +1,252 @@
+"""Experiments: one TOML file → an ExperimentConfig, `--set` overrides, sweep cells.
+
+    name = "quick"                       # optional; default: the file's stem
+    [model]                              # ModelConfig; `preset = "tiny"` starts from a preset
+    [data]                               # DataConfig (stabilitylab.data)
+    [train]                              # TrainConfig   (stabilitylab.train.config)
+    [probes]                             # ProbeConfig
+    [divergence]                         # DivergenceConfig
+    [sweep]
+    seeds = [0, 1]                       # each cell once per seed (sets train.seed)
+    [sweep.grid]
+    "model.injection" = ["concat", "parcae"]   # any dotted field, a list of values
+    "train.lr" = [3e-3, 1e-2]
+
+A sweep is the product of its grid's lists (in file order) times its seeds. A cell's
+id names its values, "injection=concat,lr=0.01,seed=0" (the last part of each key,
+the full key where two would clash), and is its run's name inside the experiment's
+group: runs/quick/injection=concat,lr=0.01,seed=0. Ids depend only on the values, so
+a rerun of the sweep finds its runs again.
+
+Every mistake raises a ConfigError naming the file, the section.field and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stabilitylab.config import ConfigError, ModelConfig, from_dict
+from stabilitylab.data import DataConfig
+from stabilitylab.train.config import DivergenceConfig, ProbeConfig, TrainConfig, resolve_depth
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "probes": ProbeConfig,
+            "divergence": DivergenceConfig}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")  # what a cell id may not contain (it names a directory)
+
+
+@dataclass
+class SweepConfig:
+    """A grid over dotted config fields, times seeds."""
+
+    grid: dict[str, list] = field(default_factory=dict)  # "section.field" -> values
+    seeds: tuple[int, ...] = ()  # empty: the experiment's train.seed only
+
+    def __post_init__(self) -> None:
+        self.seeds = tuple(self.seeds)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"{list(self.seeds)} repeats a seed", "List each seed once")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"grid.{key}", f"must be a non-empty list of values, got {values!r}",
+                                  f'Write "{key}" = [value, ...]')
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run (or one sweep) needs; `to_dict()` is what the run store keeps."""
+
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    probes: ProbeConfig
+    divergence: DivergenceConfig
+    sweep: SweepConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: its id (a run name), the values it sets and its config."""
+
+    id: str
+    values: dict[str, Any]
+    config: ExperimentConfig
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+def read_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw tables of an experiment file with `--set key=value` overrides applied."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("experiment", f"{path} does not exist", "Pass the path of a TOML file, "
+                          "e.g. experiments/quick.toml") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("syntax", f"not valid TOML: {err}", "Fix the line it names", source=path) from None
+    raw.setdefault("name", path.stem)
+    for item in sets:
+        key, value = parse_set(item)
+        _assign(raw, key, value, "--set")
+    return raw
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """"train.lr=1e-2" → ("train.lr", 0.01): the value is read as a TOML value (number,
+    bool, string, list), and as a plain string when it is not one (model.injection=concat)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("--set", f"{item!r} is not key=value", "Write e.g. --set train.lr=1e-2")
+    try:
+        return key, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, text
+
+
+def _assign(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set the dotted field `key` of the raw tables, checking that the field exists."""
+    parts = key.split(".")
+    if parts == ["name"]:
+        raw["name"] = value
+        return
+    section, rest = parts[0], parts[1:]
+    if section not in SECTIONS or len(rest) != 1:
+        raise ConfigError(key, "is not a config field", "Use section.field with a section among "
+                          f"{', '.join(SECTIONS)} (e.g. train.lr), or name", source=source)
+    known = {f.name for f in dataclasses.fields(SECTIONS[section])} | ({"preset"} if section == "model" else set())
+    if rest[0] not in known:
+        raise ConfigError(key, "unknown field", f"Known fields of [{section}]: {', '.join(sorted(known))}",
+                          source=source)
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(section, "must be a table", f"Write [{section}] with fields under it", source=source)
+    table[rest[0]] = value
+
+
+# ---- building -------------------------------------------------------------------------------
+
+def build_experiment(raw: dict[str, Any], source: str | Path | None = None) -> ExperimentConfig:
+    """An ExperimentConfig from raw tables; every error names the file and section.field."""
+    unknown = set(raw) - {"name", "sweep", *SECTIONS}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(key, "unknown section", f"Allowed: name, {', '.join(SECTIONS)}, sweep", source=source)
+    name = raw.get("name", "")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError("name", f"{name!r} cannot name a run directory",
+                          "Use letters, digits, '.', '_' and '-', starting with a letter or digit", source=source)
+    tables = {}
+    for section, cls in SECTIONS.items():
+        table = dict(raw.get(section, {})) if isinstance(raw.get(section, {}), dict) else raw[section]
+        if section == "model" and isinstance(table, dict) and "preset" in table:
+            preset = table.pop("preset")
+            try:
+                table = {**ModelConfig.preset(preset).to_dict(), **table}
+            except ConfigError as err:
+                raise err.located(source, "model") from None
+        tables[section] = from_dict(cls, table, source=source, section=section)
+    sweep = _sweep(raw.get("sweep", {}), source)
+    exp = ExperimentConfig(name=name, sweep=sweep, **tables)
+    _check_together(exp, source)
+    return exp
+
+
+def _sweep(table: Any, source: str | Path | None) -> SweepConfig:
+    if isinstance(table, dict) and isinstance(table.get("grid"), dict):
+        table = {**table, "grid": _flatten(table["grid"])}
+        for key in table["grid"]:
+            _assign({}, key, None, str(source or "sweep"))  # the field must exist
+    return from_dict(SweepConfig, table, source=source, section="sweep")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"injection": [...]}} (unquoted dotted keys) → {"model.injection": [...]}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_together(exp: ExperimentConfig, source: str | Path | None) -> None:
+    """Rules that span sections."""
+    if exp.data.seq_len > exp.model.block_size:
+        raise ConfigError("data.seq_len", f"{exp.data.seq_len} exceeds model.block_size = {exp.model.block_size}",
+                          "Lower data.seq_len or raise model.block_size", source=source)
+    try:
+        resolve_depth(exp.probes.trace_depth, exp.model.mean_recurrence)
+    except ConfigError as err:
+        raise err.located(source, "probes") from None
+
+
+def load_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and build an experiment file (its [sweep] stays a description)."""
+    return build_experiment(read_experiment(path, sets), path)
+
+
+# ---- sweeps ---------------------------------------------------------------------------------
+
+def sweep_cells(raw: dict[str, Any], source: str | Path | None = None) -> list[Cell]:
+    """The cells of an experiment's sweep: grid product (file order) times seeds, each a
+    complete config without a sweep. No sweep: one cell with the empty id."""
+    sweep = build_experiment(raw, source).sweep
+    keys = list(sweep.grid)
+    short = {k: k.split(".")[-1] for k in keys}
+    clashes = {s for s in short.values() if list(short.values()).count(s) > 1 or s == "seed"}
+    labels = {k: k if short[k] in clashes else short[k] for k in keys}
+    cells, seen = [], {}
+    for seed in sweep.seeds or (None,):
+        for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            parts = [f"{labels[k]}={_format(v)}" for k, v in values.items()]
+            cell_raw = copy.deepcopy(raw)
+            cell_raw["sweep"] = {}
+            for key, value in values.items():
+                _assign(cell_raw, key, value, str(source or "sweep"))
+            if seed is not None:
+                values["train.seed"] = seed
+                parts.append(f"seed={seed}")
+                _assign(cell_raw, "train.seed", seed, str(source or "sweep"))
+            cell_id = _UNSAFE.sub("_", ",".join(parts))
+            if cell_id in seen:
+                raise ConfigError("sweep.grid", f"cells {seen[cell_id]} and {values} share the id {cell_id!r}",
+                                  "Give every grid value a distinct printed form", source=source)
+            seen[cell_id] = values
+            cells.append(Cell(cell_id, values, build_experiment(cell_raw, source)))
+    return cells
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ";".join(map(_format, value)) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, so a config dict equals its JSON round trip."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = ["ExperimentConfig", "SweepConfig", "Cell", "SECTIONS", "read_experiment", "parse_set",
+           "build_experiment", "load_experiment", "sweep_cells"]

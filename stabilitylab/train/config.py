@@ -1,0 +1,145 @@
+"""What a training run does: optimisation, probes and divergence rules, as dataclasses.
+
+Each is one TOML table of an experiment ([train], [probes], [divergence]); defaults are
+the lab's small CPU setting. docs/training.md lists every field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from stabilitylab.config import ConfigError, check_choice, check_positive
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("trapezoid", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+DIVERGENCE_ACTIONS = ("stop", "record")
+_MU_DEPTH = re.compile(r"(\d*)mu")  # "mu", "2mu": multiples of the model's mean_recurrence
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, evaluation and checkpoint cadence of one run."""
+
+    steps: int = 200  # optimiser steps
+    batch_size: int = 16  # global batch (sequences per step, over all processes and micro-batches)
+    grad_accum: int = 1  # micro-batches per step; each process runs batch_size / (world · grad_accum) rows
+    lr: float = 3e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.1  # decoupled; only on 2-D block weights and embeddings
+    betas: tuple[float, float] = (0.8, 0.95)  # AdamW (reference)
+    eps: float = 1e-10  # AdamW (reference)
+    optimizer: str = "adamw"  # adamw, or muon (Muon for 2-D block weights, AdamW for the rest)
+    muon_lr: float = 0.02  # peak learning rate of Muon (optimizer = "muon")
+    muon_momentum: float = 0.95
+    schedule: str = "trapezoid"  # trapezoid (warmup, constant, linear cooldown) or cosine
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    cooldown_fraction: float = 0.5  # trapezoid: the last fraction of steps decays linearly
+    min_lr_ratio: float = 0.0  # the final learning rate, as a fraction of the peak
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 100  # validation loss at eval_depths every this many steps (0 = only at the end)
+    eval_depths: tuple[int | str, ...] = (1, 2, 4, "mu", "2mu")  # ints, or "mu" / "<k>mu" = k·μ_rec
+    eval_batches: int = 4  # fixed validation batches of batch_size sequences
+    checkpoint_every: int = 100  # checkpoint cadence in steps (the last step is always saved)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (0 = all)
+    seed: int = 0  # model init, batches, depths and initial states all follow from it
+    device: str = "auto"  # auto = cuda if available, else cpu; bf16 autocast on cuda
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.eval_depths = tuple(self.eval_depths)
+        for name in ("steps", "batch_size", "grad_accum", "lr", "eval_batches"):
+            check_positive(name, getattr(self, name))
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "seed", "muon_lr"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("device", self.device, DEVICES)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}",
+                              "The reference uses [0.8, 0.95]")
+        for name in ("cooldown_fraction", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f"must lie in [0, 1], got {getattr(self, name)}")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError("warmup_steps", f"{self.warmup_steps} is not below steps = {self.steps}",
+                              "Warm up over fewer steps than the run has")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError("grad_accum", f"batch_size {self.batch_size} does not split into {self.grad_accum} "
+                              "micro-batches", "Choose grad_accum among the divisors of batch_size")
+        for depth in self.eval_depths:
+            resolve_depth(depth, 1)  # raises on a malformed entry
+
+    def depths(self, mean_recurrence: int) -> list[int]:
+        """eval_depths resolved against μ_rec: sorted, without repeats."""
+        return sorted({resolve_depth(d, mean_recurrence) for d in self.eval_depths})
+
+
+def resolve_depth(depth: int | str, mean_recurrence: int) -> int:
+    """An int ≥ 1, or "mu" / "<k>mu" (k · mean_recurrence)."""
+    if isinstance(depth, str):
+        match = _MU_DEPTH.fullmatch(depth)
+        if match is None:
+            raise ConfigError("eval_depths", f"{depth!r} is not a depth",
+                              'Use integers ≥ 1, "mu" (μ_rec) or "<k>mu" such as "2mu"')
+        depth = int(match.group(1) or 1) * mean_recurrence
+    if depth < 1:
+        raise ConfigError("eval_depths", f"{depth} is not a depth", "Every depth is ≥ 1 loop iteration")
+    return depth
+
+
+@dataclass
+class ProbeConfig:
+    """What is measured besides the per-step scalars, and how often (0 = never)."""
+
+    trace_every: int = 10  # loop trace over iterations t = 1..T on the probe batch
+    spectrum_every: int = 10  # eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂, ‖e‖
+    analysis_every: int = 0  # Jacobian spectral radius and Lyapunov exponents (stabilitylab.analysis)
+    trace_depth: int | str = "2mu"  # loop iterations of the trace: an int or "<k>mu"
+    batch_size: int = 4  # sequences of the fixed probe batch (from the validation split)
+
+    def __post_init__(self) -> None:
+        for name in ("trace_every", "spectrum_every", "analysis_every"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_positive("batch_size", self.batch_size)
+        if self.analysis_every:
+            raise ConfigError("analysis_every", "needs stabilitylab.analysis (Jacobian ρ, Lyapunov exponents), "
+                              "which is not merged yet", "Set analysis_every = 0 (the default)")
+        try:
+            resolve_depth(self.trace_depth, 1)
+        except ConfigError as err:
+            raise ConfigError("trace_depth", err.problem, err.fix) from None
+
+
+@dataclass
+class DivergenceConfig:
+    """When a run counts as diverged, and what happens then.
+
+    Always terminal: a non-finite loss or gradient. Bounds: loss > max_loss, or
+    max per-token ‖h_T‖ > max_state_norm. action "stop" ends the run as diverged at
+    the first bound crossed; "record" logs a `divergence` event each time a bound is
+    first crossed and keeps training, so the explosion itself can be studied.
+    Spikes (never terminal): loss > median + spike_k · MAD over the last spike_window
+    losses is logged as a `spike` event.
+    """
+
+    max_loss: float = 20.0  # nats per token; ln(vocab) is chance level
+    max_state_norm: float = 1e4  # per-token ‖h_T‖; a healthy small model stays below ~100
+    action: str = "stop"  # stop | record
+    spike_window: int = 50  # losses in the rolling window (0 = no spike detection)
+    spike_k: float = 6.0  # how many MADs above the rolling median is a spike
+
+    def __post_init__(self) -> None:
+        for name in ("max_loss", "max_state_norm", "spike_k"):
+            check_positive(name, getattr(self, name))
+            if math.isnan(getattr(self, name)):
+                raise ConfigError(name, "is NaN", "Use a number, or inf for no bound")
+        check_positive("spike_window", self.spike_window, allow_zero=True)
+        check_choice("action", self.action, DIVERGENCE_ACTIONS)
+
+
+__all__ = ["TrainConfig", "ProbeConfig", "DivergenceConfig", "resolve_depth", "OPTIMIZERS", "SCHEDULES",
+           "DEVICES", "DIVERGENCE_ACTIONS"]
