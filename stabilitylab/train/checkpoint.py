@@ -1,0 +1,84 @@
+"""Checkpoints: the model in safetensors, everything else a resume needs beside it.
+
+    checkpoints/step_000000100.safetensors   model weights (RunWriter.checkpoint_path)
+    checkpoints/step_000000100.state.pt      optimiser state, step, RNG state, the batch
+                                             sampler's (seed, step), the divergence monitor,
+                                             running totals; read with weights_only=True
+
+Each file is written under a temporary name and renamed into place, then indexed in
+the run store (with its sha256), so an indexed checkpoint is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stabilitylab.model import LoopedLM
+from stabilitylab.store import Run, RunWriter, StoreError
+
+
+def state_path(weights: Path) -> Path:
+    """The state file beside a weights file: step_N.safetensors → step_N.state.pt."""
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".state.pt")
+
+
+def save_checkpoint(writer: RunWriter, step: int, model: LoopedLM, state: dict[str, Any]) -> None:
+    """Write and index the checkpoint of `step`: model weights and `state`."""
+    weights = writer.checkpoint_path(step)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(weights, lambda tmp: save_file(tensors, tmp))
+    _atomic(state_path(weights), lambda tmp: torch.save(state, tmp))
+    writer.add_checkpoint(step, weights)
+    writer.add_checkpoint(step, state_path(weights))
+
+
+def prune_checkpoints(writer: RunWriter, run: Run, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (keep = 0: keep all)."""
+    steps = sorted(set(run.checkpoints()["step"]))
+    for step in steps[:-keep] if keep else []:
+        writer.remove_checkpoint(int(step))
+
+
+def latest_checkpoint(run: Run) -> tuple[int, Path, Path] | None:
+    """(step, weights, state) of the newest complete checkpoint, its files checked against
+    their sha256 in the index; None when the run has none."""
+    table = run.checkpoints()
+    if table.empty:
+        return None
+    step = int(table["step"].max())
+    rows = table[table["step"] == step]
+    for path, digest in zip(rows["path"], rows["sha256"]):
+        if not Path(path).is_file() or _sha256(path) != digest:
+            raise StoreError(path, f"checkpoint of step {step} is missing or damaged (sha256 differs from the index)",
+                             "restore the file, or train a new run")
+    weights = Path(rows["path"][rows["path"].str.endswith(".safetensors")].iloc[0])
+    return step, weights, state_path(weights)
+
+
+def load_checkpoint(model: LoopedLM, weights: Path, state: Path, device: torch.device) -> dict[str, Any]:
+    """Load the weights into `model` (strictly) and return the state dict."""
+    model.load_state_dict(load_file(weights, device=str(device)))
+    return torch.load(state, map_location=device, weights_only=True)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["save_checkpoint", "prune_checkpoints", "latest_checkpoint", "load_checkpoint", "state_path"]

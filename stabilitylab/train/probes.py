@@ -1,0 +1,131 @@
+"""What the trainer measures, and how often.
+
+Every step (cheap; the trainer logs them):
+    grad_norms       ‖∇‖ per parameter role (optim.ROLES) and in total
+    state_norms      max and mean per-token ‖h_T‖ of the step's final recurrent state
+
+Every N steps, on a fixed probe batch (validation windows) with a fixed h_0, under
+torch.no_grad and touching no RNG that training uses (`Probes.run`):
+    trace            LoopTrace over iterations t = 1..T at trace_depth (model(..., trace=True))
+    spectrum         every eigenvalue of Ā, ρ(Ā) = max|λ|, ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂ and the prelude
+                     output norm ‖e‖ (mean per token: the late-explosion signal)
+Every M steps (off by default): analysis_probe, the hook for stabilitylab.analysis.
+
+So probes on or off leave the loss curve bit for bit the same (a test checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from stabilitylab.data import Corpus
+from stabilitylab.model import LoopedLM
+from stabilitylab.store import RunWriter
+from stabilitylab.train.config import ProbeConfig, resolve_depth
+
+PROBE_SALT = 0x9B0BE  # the probe batch's h_0 generator: apart from every training stream
+
+
+def grad_norms(roles: dict[str, list[torch.nn.Parameter]]) -> dict[str, Tensor]:
+    """‖∇‖₂ of each role's gradients (0 for a role without any), on the device."""
+    out = {}
+    for role, params in roles.items():
+        grads = [p.grad for p in params if p.grad is not None]
+        out[role] = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return out
+
+
+def state_norms(state: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, mean) over tokens of the per-token ‖h_T‖ (norm over the state channels)."""
+    norms = state.detach().float().norm(dim=-1)
+    return norms.max(), norms.mean()
+
+
+@dataclass
+class Spectrum:
+    """The injection's linear part at one step."""
+
+    eigenvalues: Tensor  # complex128, every eigenvalue of Ā
+    rho: float  # ρ(Ā) = max |λ|
+    norm_a: float  # ‖Ā‖₂
+    norm_b: float  # ‖B̄‖₂
+    norm_c: float  # ‖C‖₂ (the readout)
+
+
+@torch.no_grad()
+def injection_spectrum(model: LoopedLM) -> Spectrum:
+    """Eigenvalues and norms of Ā, B̄ and C, in float64. A diagonal Ā (a vector) is its
+    own eigenvalues and ‖Ā‖₂ = max|aᵢ|; a dense one goes through torch.linalg.eigvals."""
+    A = model.injection.transition().detach().double().cpu()
+    if A.ndim == 1:
+        eigenvalues, norm_a = A.to(torch.complex128), float(A.abs().max())
+    else:
+        eigenvalues, norm_a = torch.linalg.eigvals(A), float(torch.linalg.matrix_norm(A, 2))
+    B = model.injection.input_matrix().detach().double().cpu()
+    C = model.readout.weight.detach().double().cpu()
+    return Spectrum(eigenvalues, float(eigenvalues.abs().max()), norm_a,
+                    float(torch.linalg.matrix_norm(B, 2)), float(torch.linalg.matrix_norm(C, 2)))
+
+
+def analysis_probe(model: LoopedLM, tokens: Tensor, h0: Tensor, step: int, writer: RunWriter) -> None:
+    """The hook for stabilitylab.analysis: the Jacobian spectral radius of the loop map and
+    the leading Lyapunov exponents on the probe batch, every analysis_every steps, written
+    with writer.log_analysis. Until stabilitylab.analysis is merged, ProbeConfig refuses
+    analysis_every > 0, so this is never reached."""
+    raise NotImplementedError("stabilitylab.analysis is not merged yet")
+
+
+class Probes:
+    """The periodic probes of one run: a fixed probe batch and its cadences."""
+
+    def __init__(self, cfg: ProbeConfig, model: LoopedLM, corpus: Corpus, seq_len: int, seed: int,
+                 device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.cfg, self.autocast = cfg, autocast
+        self.looped = model.cfg.looped
+        self.depth = resolve_depth(cfg.trace_depth, model.cfg.mean_recurrence)
+        x, _ = corpus.val_batches(1, cfg.batch_size, seq_len)[0]
+        self.tokens = x.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed ^ PROBE_SALT)
+        self.h0 = model.draw_state(tuple(x.shape), device, torch.float32, generator)
+
+    def due(self, step: int) -> bool:
+        every = (self.cfg.trace_every, self.cfg.spectrum_every, self.cfg.analysis_every)
+        return self.looped and any(n and step % n == 0 for n in every)
+
+    @torch.no_grad()
+    def run(self, step: int, model: LoopedLM, writer: RunWriter, force: bool = False) -> float | None:
+        """Run the probes due at `step` (all of them with force=True) and log them; the
+        model's train/eval mode is restored. Returns ρ(Ā) when the spectrum ran."""
+        if not self.looped:
+            return None
+        cfg, rho, e_norm = self.cfg, None, None
+        was_training = model.training
+        model.eval()
+        try:
+            if force or (cfg.trace_every and step % cfg.trace_every == 0):
+                with self.autocast():
+                    out = model(self.tokens, depth=self.depth, h0=self.h0, trace=True)
+                trace = out.trace.to_dict()
+                e_norm = trace["e_norm_mean"]
+                writer.log_trace(step, trace)
+            if force or (cfg.spectrum_every and step % cfg.spectrum_every == 0):
+                if e_norm is None:
+                    with self.autocast():
+                        e_norm = float(model.encode(self.tokens).float().norm(dim=-1).mean())
+                s = injection_spectrum(model)
+                writer.log_spectrum(step, s.eigenvalues.numpy(), rho=s.rho, norm_a=s.norm_a, norm_b=s.norm_b,
+                                    norm_c=s.norm_c, norm_e=e_norm)
+                rho = s.rho
+            if cfg.analysis_every and step % cfg.analysis_every == 0:
+                analysis_probe(model, self.tokens, self.h0, step, writer)
+        finally:
+            model.train(was_training)
+        return rho
+
+
+__all__ = ["grad_norms", "state_norms", "Spectrum", "injection_spectrum", "analysis_probe", "Probes"]

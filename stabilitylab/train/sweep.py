@@ -1,0 +1,98 @@
+"""Sweeps: every cell of an experiment's grid × seeds, resumable, optionally in parallel.
+
+Each cell is the run lab/<experiment>/<cell id>. Running a sweep again:
+
+    finished or diverged   skipped (a diverged run is a result)
+    running, writer alive  skipped (another process is training it)
+    failed, or running with no live writer (killed, crashed, interrupted)
+                           resumed from its newest checkpoint (from scratch if none)
+    absent                 trained
+
+With jobs > 1 the cells run in that many worker processes (spawned), each with
+cpu_count // jobs torch threads, so the jobs share the cores instead of fighting over them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stabilitylab.experiment import Cell, read_experiment, sweep_cells
+from stabilitylab.store import DB_NAME, Run
+
+
+@dataclass(frozen=True)
+class CellResult:
+    run_id: str
+    action: str  # trained, resumed, skipped
+    status: str  # finished, diverged, running (elsewhere), failed
+    detail: str = ""
+
+
+def run_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), lab: str | Path = "runs", jobs: int = 1,
+              progress: bool = True, report=print) -> list[CellResult]:
+    """Train every cell of the experiment at `path` that is not done; return one result per cell."""
+    raw = read_experiment(path, sets)
+    cells = sweep_cells(raw, path)
+    plan, results = [], []
+    for cell in cells:
+        run_id = f"{cell.config.name}/{cell.id}" if cell.id else cell.config.name
+        state = _state(Path(lab) / run_id)
+        if state in ("finished", "diverged", "alive"):
+            results.append(CellResult(run_id, "skipped", "running" if state == "alive" else state))
+            report(f"{run_id}: skipped ({'another process is training it' if state == 'alive' else state})")
+        else:
+            plan.append((cell, run_id, state != "absent"))
+    if jobs == 1 or len(plan) <= 1:
+        results += [_run_cell(cell, run_id, resume, str(lab), str(path), 0, progress, report) for cell, run_id, resume in plan]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_cell, cell, run_id, resume, str(lab), str(path), threads, False, None)
+                       for cell, run_id, resume in plan]
+            for future in futures:
+                result = future.result()
+                report(_line(result))
+                results.append(result)
+    return results
+
+
+def _state(run_dir: Path) -> str:
+    """absent | finished | diverged | alive | interrupted (failed, or running without a writer)."""
+    if not (run_dir / DB_NAME).is_file():
+        return "absent"
+    status = Run(run_dir).status()
+    if status["status"] == "running":
+        return "alive" if status["alive"] else "interrupted"
+    return "interrupted" if status["status"] == "failed" else status["status"]
+
+
+def _run_cell(cell: Cell, run_id: str, resume: bool, lab: str, source: str, threads: int, progress: bool,
+              report) -> CellResult:
+    """Train one cell; a failure is reported as a result (the run store marks it failed)."""
+    from stabilitylab.train.trainer import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        status = train(cell.config, lab, run_id, resume=resume, sweep_cell=cell.id or None, source=source,
+                       progress=progress)
+        result = CellResult(run_id, "resumed" if resume else "trained", status)
+    except Exception as err:  # noqa: BLE001 - one failed cell must not stop the sweep
+        result = CellResult(run_id, "resumed" if resume else "trained", "failed", f"{type(err).__name__}: {err}")
+    if report:
+        report(_line(result))
+    return result
+
+
+def _line(result: CellResult) -> str:
+    detail = f": {result.detail}" if result.detail else ""
+    return f"{result.run_id}: {result.action}, {result.status}{detail}"
+
+
+__all__ = ["CellResult", "run_sweep"]

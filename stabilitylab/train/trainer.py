@@ -1,0 +1,262 @@
+"""The training loop, top to bottom.
+
+    train(exp, lab, run_id)           one run: new, or resumed from its newest checkpoint
+
+One step s = 1..S:
+    lr     = peak · schedule(s)                                      (optim.lr_factor)
+    rows   = this rank's share of the global batch of (seed, s)     (Corpus.get_batch)
+    depths = sample_depth(model, s, seed) for the global batch, this rank's rows
+    h_0    = truncated normal for the global batch from a generator seeded by (seed, s)
+    loss   = mean over grad_accum micro-batches; backward; DDP all-reduces the gradients
+    check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
+    step   = clip ‖∇‖ to grad_clip, AdamW (and Muon) step — unless the run diverged here
+    record = per-step scalars; probes, evaluation and checkpoint on their cadences
+
+Nothing in training reads torch's global RNG after the model is initialised: batches,
+depths and initial states follow from (seed, step). So a resumed run reproduces the
+uninterrupted one bit for bit (on CPU), probes on or off give the same losses, and N
+processes see exactly the rows of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stabilitylab.config import ConfigError
+from stabilitylab.data import prepare
+from stabilitylab.experiment import ExperimentConfig
+from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
+from stabilitylab.store import Run, RunWriter, StoreError
+from stabilitylab.train import distributed
+from stabilitylab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from stabilitylab.train.divergence import DivergenceMonitor
+from stabilitylab.train.evaluate import evaluate, global_initial_state, stream_seed
+from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles, set_lr
+from stabilitylab.train.probes import Probes, grad_norms, state_norms
+
+H0_SALT = 0x40  # the training h_0 stream, apart from batches (data.py) and depths (depth.py)
+DONE = ("finished", "diverged")  # a run in one of these is a result: train --resume leaves it alone
+
+
+def train(exp: ExperimentConfig, lab: str | Path = "runs", run_id: str | None = None, *, resume: bool = False,
+          sweep_cell: str | None = None, source: str | Path | None = None, progress: bool = True) -> str:
+    """Train one run into lab/run_id (default: the experiment's name) and return its
+    status: finished or diverged. With resume=True continue the run from its newest
+    checkpoint (from scratch if it has none). `source` (the experiment file) only
+    locates config errors."""
+    process = distributed.start(exp.train.device)
+    try:
+        return _train(exp, Path(lab), run_id or exp.name, resume, sweep_cell, source, progress, process)
+    finally:
+        distributed.stop()
+
+
+def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_cell: str | None,
+           source: str | Path | None, progress: bool, process: distributed.Process) -> str:
+    tc, cfg, seq_len = exp.train, exp.model, exp.data.seq_len
+    B, G, W, device = tc.batch_size, tc.grad_accum, process.world_size, process.device
+
+    # ---- the data, checked before anything is written --------------------------------
+    if B % (W * G):
+        raise ConfigError("train.batch_size", f"{B} does not split into {W} processes × {G} micro-batches",
+                          "Choose batch_size divisible by nproc-per-node · grad_accum", source=source)
+    corpus = _corpus(exp, source, process)
+    if corpus.tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.vocab_size} is smaller than the {exp.data.tokenizer} "
+                          f"tokenizer's {corpus.tokenizer.vocab_size} tokens",
+                          f"Set model.vocab_size ≥ {corpus.tokenizer.vocab_size}", source=source)
+    run_dir = lab / run_id
+    if resume:
+        run = Run(run_dir, run_id) if (run_dir / "run.db").is_file() else None
+        if run is None:
+            raise StoreError(run_dir, "no run to resume here", "train it without --resume first")
+        status = run.status()["status"]
+        if status in DONE:
+            return status
+        _check_same_config(run, exp)
+
+    # ---- model, optimiser, monitors; the newest checkpoint when resuming -----------------
+    torch.manual_seed(tc.seed)
+    model = LoopedLM(cfg).to(device)
+    optimizers = build_optimizers(model, tc)
+    roles = parameter_roles(model)
+    monitor = DivergenceMonitor(exp.divergence)
+    totals = {"tokens": 0, "flops": 0.0, "wall_time": 0.0}
+    start, rho = 0, math.nan
+    checkpoint = latest_checkpoint(run) if resume else None
+    if checkpoint:
+        start, weights, state_file = checkpoint
+        state = load_checkpoint(model, weights, state_file, device)
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        monitor.load_state_dict(state["monitor"])
+        totals, rho = state["totals"], state["rho"]
+        torch.set_rng_state(state["rng"].cpu())
+
+    writer = None
+    if process.main:
+        if resume:
+            writer = RunWriter.resume(run_dir, start)
+        elif run_dir.exists():
+            raise StoreError(run_dir, "a run with this id already exists", "continue it with --resume, or choose "
+                             "another --run-id")
+        else:
+            writer = RunWriter.create(lab, run_id, exp.to_dict(), experiment=exp.name, sweep_cell=sweep_cell,
+                                      seed=tc.seed, git_commit=_git_commit())
+    ddp = distributed.wrap(model, process)
+    forward = torch.compile(ddp) if tc.compile else ddp
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    probes = Probes(exp.probes, model, corpus, seq_len, tc.seed, device, autocast) if process.main else None
+    val_batches = corpus.val_batches(tc.eval_batches, B, seq_len, process.rank, W)
+    eval_depths = tc.depths(cfg.mean_recurrence) if cfg.looped else [1]
+    params = count_parameters(cfg)
+    per_rank, micro = B // W, B // (W * G)
+    rank_rows = slice(process.rank * per_rank, (process.rank + 1) * per_rank)
+    status = "finished"
+
+    # ---- the loop ------------------------------------------------------------------------
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and process.main), desc=run_id,
+               dynamic_ncols=True)
+    clock = time.perf_counter() - totals["wall_time"]
+    with writer or contextlib.nullcontext():
+        for step in range(start + 1, tc.steps + 1):
+            t0 = time.perf_counter()
+            factor = lr_factor(step, tc)
+            set_lr(optimizers, factor)
+            x, y = corpus.get_batch("train", step, B, seq_len, tc.seed, process.rank, W)
+            depth = sample_depth(cfg, step, tc.seed, B, seq_len)
+            h0 = (global_initial_state(model, stream_seed(tc.seed, step, H0_SALT), (B, seq_len), rank_rows, device)
+                  if cfg.looped else None)
+            depth_mine = _take(depth, rank_rows)
+            loss = torch.zeros((), device=device)
+            norm_max, norm_mean = torch.zeros((), device=device), torch.zeros((), device=device)
+            for j in range(G):
+                rows = slice(j * micro, (j + 1) * micro)
+                with distributed.sync_context(ddp, last_micro_batch=j == G - 1):
+                    with autocast():
+                        out = forward(x[rows].to(device), y[rows].to(device), depth=_take(depth_mine, rows),
+                                      h0=None if h0 is None else h0[rows])
+                    (out.loss / G).backward()
+                loss += out.loss.detach().float() / G
+                if out.state is not None:
+                    m, mean = state_norms(out.state)
+                    norm_max, norm_mean = torch.maximum(norm_max, m), norm_mean + mean / G
+            loss, norm_mean = distributed.all_reduce(torch.stack([loss, norm_mean]), "mean")
+            norm_max = distributed.all_reduce(norm_max, "max")
+            norms = grad_norms(roles)
+            total = torch.nn.utils.get_total_norm(list(norms.values()))
+            if tc.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, total)
+            values = torch.stack([loss, norm_max, norm_mean, total, *norms.values()]).tolist()
+            loss_v, norm_max_v, norm_mean_v, total_v = values[:4]
+            verdict = monitor.check(step, loss_v, total_v, norm_max_v)
+            if verdict.stop is None:
+                for opt in optimizers:
+                    opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+
+            n_mean, k_mean = depth.mean()
+            totals["tokens"] += B * seq_len
+            totals["flops"] += training_flops_per_token(cfg, seq_len, n_mean, k_mean, params=params).total * B * seq_len
+            totals["wall_time"] = time.perf_counter() - clock
+            if writer:
+                scalars = {"loss": loss_v, "lr": tc.lr * factor, "grad_norm": total_v,
+                           **{f"grad_norm/{role}": v for role, v in zip(norms, values[4:])},
+                           "tokens_per_s": B * seq_len / seconds, "depth_n_mean": n_mean, "depth_k_mean": k_mean,
+                           "depth_total_max": depth.total_max, **totals}
+                if cfg.looped:
+                    scalars |= {"h_T_norm": norm_max_v, "h_T_norm_mean": norm_mean_v}
+                writer.log(step, scalars)
+                for kind, detail in verdict.events:
+                    writer.log_event(step, kind, detail)
+
+            if verdict.stop:  # the run ends here; what it recorded stays, and so do its checkpoints
+                if writer:
+                    probes.run(step, model, writer, force=True)
+                    writer.set_status("diverged", step, verdict.stop)
+                status = "diverged"
+                break
+            if probes and probes.due(step):
+                measured = probes.run(step, model, writer)
+                rho = rho if measured is None else measured
+            if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
+                result = evaluate(model, val_batches, eval_depths, tc.seed, B, process, autocast)
+                for depth_value, val_loss in result.items():
+                    if writer:
+                        writer.log_eval(step, depth_value, {"val_loss": val_loss})
+            if writer and (step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+                state = {"step": step, "optimizers": [opt.state_dict() for opt in optimizers],
+                         "rng": torch.get_rng_state(), "sampler": {"seed": tc.seed, "step": step},
+                         "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
+                save_checkpoint(writer, step, model, state)
+                prune_checkpoints(writer, Run(run_dir, run_id), tc.keep_checkpoints)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{B * seq_len / seconds:,.0f}", rho=f"{rho:.3f}")
+        if monitor.first and status == "finished":  # action "record": it diverged, and we watched
+            first_step, detail = monitor.first
+            status = "diverged"
+            if writer:
+                writer.set_status("diverged", first_step, f"{detail} (recorded; trained on to step {tc.steps})")
+    bar.close()
+    return status
+
+
+def _corpus(exp: ExperimentConfig, source: str | Path | None, process: distributed.Process):
+    """The prepared corpus; rank 0 builds a missing cache entry while the others wait."""
+    try:
+        if process.main:
+            corpus = prepare(exp.data)
+        distributed.barrier()
+        return corpus if process.main else prepare(exp.data)
+    except ConfigError as err:
+        raise err.located(source, "data") from None
+
+
+def _take(depth: Depth, rows: slice) -> Depth:
+    """The depths of some rows of the batch (per-sequence or per-token depths)."""
+    return depth if depth.uniform else Depth(depth.n[rows], depth.k[rows])
+
+
+def _check_same_config(run: Run, exp: ExperimentConfig) -> None:
+    """Refuse to resume a run with a config other than its own."""
+    stored, current = run.meta()["config"], exp.to_dict()
+    differ = [key for key in sorted(set(_leaves(stored)) | set(_leaves(current)))
+              if _leaves(stored).get(key) != _leaves(current).get(key)]
+    if differ:
+        raise ConfigError(", ".join(differ[:5]), "differs from the config the run was trained with",
+                          f"Resume with the run's own settings (see {run.path / 'config.json'}), or train a "
+                          "new run (--run-id)", source=run.path)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _git_commit() -> str | None:
+    """The commit of the code that trains, if it runs from a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+__all__ = ["train"]
