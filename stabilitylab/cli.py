@@ -79,6 +79,81 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one run of an experiment (under torchrun: data-parallel)")
+    p.add_argument("experiment", help="experiment TOML file, e.g. experiments/quick.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="override a field, e.g. --set train.lr=1e-2 (repeatable)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
+    p.add_argument("--run-id", help="run name inside the lab (default: the experiment's name)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) one run; a diverged run is a result, so it exits 0 too."""
+    from stabilitylab.experiment import load_experiment
+    from stabilitylab.store import open_run
+    from stabilitylab.train.trainer import train
+
+    exp = load_experiment(args.experiment, args.sets)
+    if exp.sweep.grid or exp.sweep.seeds:
+        print(f"note: train ignores [sweep]; `stabilitylab sweep {args.experiment}` runs its cells", file=sys.stderr)
+    run_id = args.run_id or exp.name
+    status = train(exp, args.lab, run_id, resume=args.resume, source=args.experiment, progress=args.progress)
+    summary = open_run(run_id, args.lab).summary()
+    if summary["status"] == "diverged":
+        status = f"diverged at step {summary['status_step']}: {summary['status_reason']}"
+    print(f"{run_id}: {status}; {summary['last_step']} steps, final loss {summary['final_loss']:.4f}, "
+          f"max ρ(Ā) {summary['max_rho']:.4f}, max ‖h_T‖ {summary['max_state_norm']:.4g} ({summary['path']})")
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train every cell of an experiment's [sweep] grid × seeds (resumable)")
+    p.add_argument("experiment", help="experiment TOML file with a [sweep] table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="override a field in every cell, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes (default 1)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Finished and diverged cells are skipped, interrupted or failed ones resumed; exit 1
+    if a cell failed."""
+    from stabilitylab.train.sweep import run_sweep
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs", f"must be ≥ 1, got {args.jobs}", "Pass --jobs 1 or more")
+    results = run_sweep(args.experiment, args.sets, args.lab, args.jobs)
+    failed = [r for r in results if r.status == "failed"]
+    print(f"{len(results)} cells: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
+                                                for s in ("finished", "diverged", "running", "failed")))
+    return 1 if failed else 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss at test depths from a run's newest checkpoint")
+    p.add_argument("run", help="run directory, or run id inside --lab")
+    p.add_argument("--depths", type=int, nargs="+", help="loop depths (default: the run's train.eval_depths)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding RUN (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate, print the table and record it in the run's store."""
+    from stabilitylab.train.evaluate import eval_run
+
+    step, losses = eval_run(args.run, args.lab, args.depths)
+    print(f"step {step}")
+    print(f"{'depth':>6} {'val loss':>9}")
+    for depth, loss in losses.items():
+        print(f"{depth:>6} {loss:>9.4f}")
+    return 0
+
+
 def _add_runs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="list the runs of a lab: status, steps, final loss, max ρ(Ā)")
     p.add_argument("lab", nargs="?", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
@@ -129,7 +204,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_data, _add_runs, _add_export):
+    for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export):
         add(sub)
     return parser
 
