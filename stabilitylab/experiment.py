@@ -150,11 +150,11 @@ def build_experiment(raw: dict[str, Any], source: str | Path | None = None) -> E
                           "Use letters, digits, '.', '_' and '-', starting with a letter or digit", source=source)
     tables = {}
     for section, cls in SECTIONS.items():
-        table = dict(raw.get(section, {})) if isinstance(raw.get(section, {}), dict) else raw[section]
+        table = raw.get(section, {})
         if section == "model" and isinstance(table, dict) and "preset" in table:
-            preset = table.pop("preset")
+            fields = {k: v for k, v in table.items() if k != "preset"}
             try:
-                table = {**ModelConfig.preset(preset).to_dict(), **table}
+                table = {**ModelConfig.preset(table["preset"]).to_dict(), **fields}
             except ConfigError as err:
                 raise err.located(source, "model") from None
         tables[section] = from_dict(cls, table, source=source, section=section)

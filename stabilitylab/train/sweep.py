@@ -49,7 +49,8 @@ def run_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), lab: str
         else:
             plan.append((cell, run_id, state != "absent"))
     if jobs == 1 or len(plan) <= 1:
-        results += [_run_cell(cell, run_id, resume, str(lab), str(path), 0, progress, report) for cell, run_id, resume in plan]
+        results += [_run_cell(cell, run_id, resume, str(lab), str(path), 0, progress, report)
+                    for cell, run_id, resume in plan]
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

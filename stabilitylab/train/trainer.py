@@ -81,6 +81,9 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
         if status in DONE:
             return status
         _check_same_config(run, exp)
+    elif run_dir.exists():
+        raise StoreError(run_dir, "a run with this id already exists", "continue it with --resume, or choose "
+                         "another --run-id")
 
     # ---- model, optimiser, monitors; the newest checkpoint when resuming -----------------
     torch.manual_seed(tc.seed)
@@ -100,16 +103,6 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
         totals, rho = state["totals"], state["rho"]
         torch.set_rng_state(state["rng"].cpu())
 
-    writer = None
-    if process.main:
-        if resume:
-            writer = RunWriter.resume(run_dir, start)
-        elif run_dir.exists():
-            raise StoreError(run_dir, "a run with this id already exists", "continue it with --resume, or choose "
-                             "another --run-id")
-        else:
-            writer = RunWriter.create(lab, run_id, exp.to_dict(), experiment=exp.name, sweep_cell=sweep_cell,
-                                      seed=tc.seed, git_commit=_git_commit())
     ddp = distributed.wrap(model, process)
     forward = torch.compile(ddp) if tc.compile else ddp
 
@@ -122,8 +115,13 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
     val_batches = corpus.val_batches(tc.eval_batches, B, seq_len, process.rank, W)
     eval_depths = tc.depths(cfg.mean_recurrence) if cfg.looped else [1]
     params = count_parameters(cfg)
-    per_rank, micro = B // W, B // (W * G)
+    per_rank = B // W
     rank_rows = slice(process.rank * per_rank, (process.rank + 1) * per_rank)
+    writer = None
+    if process.main:  # rank 0 writes the store; from here on, an exception marks the run failed
+        writer = (RunWriter.resume(run_dir, start) if resume else
+                  RunWriter.create(lab, run_id, exp.to_dict(), experiment=exp.name, sweep_cell=sweep_cell,
+                                   seed=tc.seed, git_commit=_git_commit()))
     status = "finished"
 
     # ---- the loop ------------------------------------------------------------------------
@@ -139,23 +137,11 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
             depth = sample_depth(cfg, step, tc.seed, B, seq_len)
             h0 = (global_initial_state(model, stream_seed(tc.seed, step, H0_SALT), (B, seq_len), rank_rows, device)
                   if cfg.looped else None)
-            depth_mine = _take(depth, rank_rows)
-            loss = torch.zeros((), device=device)
-            norm_max, norm_mean = torch.zeros((), device=device), torch.zeros((), device=device)
-            for j in range(G):
-                rows = slice(j * micro, (j + 1) * micro)
-                with distributed.sync_context(ddp, last_micro_batch=j == G - 1):
-                    with autocast():
-                        out = forward(x[rows].to(device), y[rows].to(device), depth=_take(depth_mine, rows),
-                                      h0=None if h0 is None else h0[rows])
-                    (out.loss / G).backward()
-                loss += out.loss.detach().float() / G
-                if out.state is not None:
-                    m, mean = state_norms(out.state)
-                    norm_max, norm_mean = torch.maximum(norm_max, m), norm_mean + mean / G
+            loss, norm_max, norm_mean = _forward_backward(forward, ddp, x.to(device), y.to(device),
+                                                          _take(depth, rank_rows), h0, G, autocast)
             loss, norm_mean = distributed.all_reduce(torch.stack([loss, norm_mean]), "mean")
             norm_max = distributed.all_reduce(norm_max, "max")
-            norms = grad_norms(roles)
+            norms = grad_norms(roles, device)
             total = torch.nn.utils.get_total_norm(list(norms.values()))
             if tc.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, total)
@@ -213,6 +199,24 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
                 writer.set_status("diverged", first_step, f"{detail} (recorded; trained on to step {tc.steps})")
     bar.close()
     return status
+
+
+def _forward_backward(forward, ddp, x, y, depth: Depth, h0, micro_batches: int, autocast):
+    """Forward and backward over the micro-batches of this rank's rows (DDP syncs the
+    gradients on the last); returns (mean loss, max ‖h_T‖, mean ‖h_T‖) on the device."""
+    loss, norm_max, norm_mean = (torch.zeros((), device=x.device) for _ in range(3))
+    size = len(x) // micro_batches
+    for j in range(micro_batches):
+        rows = slice(j * size, (j + 1) * size)
+        with distributed.sync_context(ddp, last_micro_batch=j == micro_batches - 1):
+            with autocast():
+                out = forward(x[rows], y[rows], depth=_take(depth, rows), h0=None if h0 is None else h0[rows])
+            (out.loss / micro_batches).backward()
+        loss += out.loss.detach().float() / micro_batches
+        if out.state is not None:  # None for the GPT baseline
+            m, mean = state_norms(out.state)
+            norm_max, norm_mean = torch.maximum(norm_max, m), norm_mean + mean / micro_batches
+    return loss, norm_max, norm_mean
 
 
 def _corpus(exp: ExperimentConfig, source: str | Path | None, process: distributed.Process):
