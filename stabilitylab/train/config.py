@@ -99,7 +99,7 @@ class ProbeConfig:
     spectrum_every: int = 10  # eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂, ‖e‖
     analysis_every: int = 0  # Jacobian spectral radius and Lyapunov exponents (stabilitylab.analysis)
     trace_depth: int | str = "2mu"  # loop iterations of the trace: an int or "<k>mu"
-    batch_size: int = 4  # sequences of the fixed probe batch (from the validation split)
+    batch_size: int = 2  # sequences of the fixed probe batch (the first validation windows)
 
     def __post_init__(self) -> None:
         for name in ("trace_every", "spectrum_every", "analysis_every"):

@@ -31,12 +31,12 @@ from stabilitylab.train.config import ProbeConfig, resolve_depth
 PROBE_SALT = 0x9B0BE  # the probe batch's h_0 generator: apart from every training stream
 
 
-def grad_norms(roles: dict[str, list[torch.nn.Parameter]]) -> dict[str, Tensor]:
+def grad_norms(roles: dict[str, list[torch.nn.Parameter]], device: torch.device) -> dict[str, Tensor]:
     """‖∇‖₂ of each role's gradients (0 for a role without any), on the device."""
     out = {}
     for role, params in roles.items():
         grads = [p.grad for p in params if p.grad is not None]
-        out[role] = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        out[role] = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
     return out
 
 

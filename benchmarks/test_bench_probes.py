@@ -1,0 +1,100 @@
+"""Probe overhead: training throughput with the default probe cadences (loop trace and
+injection spectrum every 10 steps; the per-step scalars are always on) against probes
+off, on the quick experiment's model (width 128, 1/2/1 blocks, μ_rec 8, batch 8 × 64).
+
+Side by side: whole 31-step runs alternate (probes on, probes off, ...) so the noise of
+this shared machine hits both alike. Each run's steady per-step time is read from its
+own `wall_time` scalar, (wall_time[S] − wall_time[1]) / (S − 1): probes included; setup,
+final evaluation and checkpoint excluded. The ratio is the median of the rounds' ratios.
+On this machine it swings by several percent between suite runs (other jobs' load), so
+the test asserts on an accounting that noise cannot move: the share of the same
+interval spent inside Probes.run (throughput ratio ≈ 1 − share). The run store's share
+is the time spent inside RunWriter's per-step methods over the training time.
+
+    STABILITYLAB_BENCH_THREADS=1 .venv/bin/python -m pytest benchmarks/test_bench_probes.py --benchmark-only -s
+"""
+
+import itertools
+import statistics
+import time
+from pathlib import Path
+
+from conftest import THREADS
+from timing import alternate
+
+from stabilitylab.experiment import load_experiment
+from stabilitylab.store import RunWriter, open_run
+from stabilitylab.train.probes import Probes
+from stabilitylab.train.trainer import train
+
+QUICK = Path(__file__).resolve().parents[1] / "experiments" / "quick.toml"
+STEPS = 31  # the probes of steps 10, 20 and 30 all fall between the first and last logged wall_time
+PER_STEP = ("log", "log_trace", "log_spectrum", "log_eval", "log_event")  # what training steps write
+WRITER_METHODS = (*PER_STEP, "create", "resume", "add_checkpoint", "remove_checkpoint", "set_status", "close")
+
+
+def clock(monkeypatch, cls, names):
+    """Seconds spent inside the methods `names` of `cls`, by method (nested calls counted once)."""
+    spent, depth = dict.fromkeys(names, 0.0), [0]
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[name] += time.perf_counter() - start
+        return wrapper
+
+    for name in names:
+        attr = cls.__dict__[name]
+        wrapped = classmethod(timed(name, attr.__func__)) if isinstance(attr, classmethod) else timed(name, attr)
+        monkeypatch.setattr(cls, name, wrapped)
+    return spent
+
+
+def test_default_probes_keep_throughput_within_5_percent(benchmark, tmp_path, monkeypatch):
+    store_clock = clock(monkeypatch, RunWriter, WRITER_METHODS)
+    probe_clock = clock(monkeypatch, Probes, ["run"])
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", f"train.steps={STEPS}", "train.eval_every=0",
+            "train.eval_batches=1", "train.eval_depths=['mu']", "train.checkpoint_every=0",
+            "model.injection='parcae'", "divergence.action='record'"]
+    configs = {"probes on": load_experiment(QUICK, [*sets, "probes.trace_every=10", "probes.spectrum_every=10"]),
+               "probes off": load_experiment(QUICK, [*sets, "probes.trace_every=0", "probes.spectrum_every=0"])}
+    ids = itertools.count()
+    per_step = {name: [] for name in configs}
+    step_share, run_share, probe_share = [], [], []
+
+    def contender(name):
+        def run():
+            run_id = f"{name.replace(' ', '-')}-{next(ids)}"
+            before, probes_before, start = dict(store_clock), probe_clock["run"], time.perf_counter()
+            train(configs[name], tmp_path / "lab", run_id, progress=False)
+            total = time.perf_counter() - start
+            wall = open_run(run_id, tmp_path / "lab").scalars(["wall_time"])["value"].to_numpy()
+            per_step[name].append((wall[-1] - wall[0]) / (len(wall) - 1))
+            if name == "probes on" and len(per_step[name]) > 1:  # the first call is the warmup
+                spent = {k: store_clock[k] - before[k] for k in WRITER_METHODS}
+                step_share.append(sum(spent[k] for k in PER_STEP) / wall[-1])
+                run_share.append(sum(spent.values()) / total)
+                probe_share.append((probe_clock["run"] - probes_before) / (wall[-1] - wall[0]))
+        return run
+
+    alternate({name: contender(name) for name in configs}, rounds=7, warmup=1)
+    on, off = (statistics.median(per_step[n][1:]) for n in ("probes on", "probes off"))
+    ratio = statistics.median(b / a for a, b in zip(per_step["probes on"][1:], per_step["probes off"][1:]))
+    step_share, run_share = statistics.median(step_share), statistics.median(run_share)
+    probe_share = statistics.median(probe_share)
+    benchmark.extra_info.update(threads=THREADS, step_ms_probes_on=on * 1e3, step_ms_probes_off=off * 1e3,
+                                throughput_ratio=ratio, probe_share_of_training=probe_share,
+                                store_share_of_training=step_share, store_share_of_run=run_share)
+    print(f"\nprobes, {THREADS} threads: step {on * 1e3:.1f} ms with default probes, {off * 1e3:.1f} ms without; "
+          f"side-by-side throughput ratio {ratio:.3f}; probes {probe_share:.2%} of training time "
+          f"(ratio ≈ {1 - probe_share:.3f}); run-store writes {step_share:.2%} of training time "
+          f"({run_share:.2%} of a {STEPS}-step run with creating, checkpoint indexing and closing)")
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert probe_share <= 0.05, f"default probes take {probe_share:.1%} of training time"
+    assert step_share < 0.01, f"the run store's writes take {step_share:.2%} of training time"
