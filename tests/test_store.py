@@ -248,6 +248,18 @@ def test_a_checkpoint_outside_the_run_directory_is_refused(tmp_path):
             w.add_checkpoint(1, outside)
 
 
+def test_a_removed_checkpoint_leaves_the_index_and_the_disk(tmp_path):
+    with RunWriter.create(tmp_path, "r", {}, experiment="t") as w:
+        for step in (1, 2):
+            for path in (w.checkpoint_path(step), w.checkpoint_path(step).with_suffix(".pt")):
+                path.write_bytes(b"weights")
+                w.add_checkpoint(step, path)
+        w.remove_checkpoint(1)
+    assert Run(tmp_path / "r").checkpoints()["step"].tolist() == [2, 2]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == [
+        "step_000000002.pt", "step_000000002.safetensors"]
+
+
 # ---- processes and crashes -----------------------------------------------------------
 
 LIVE_WRITER = """
