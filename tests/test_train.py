@@ -200,3 +200,29 @@ def test_an_explicit_generator_makes_the_initial_state_reproducible():
     assert torch.equal(*draw) and draw[0].shape == (2, 5, 32)
     std = model.cfg.std
     assert draw[0].abs().max() <= 3 * std
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_records(tmp_path, corpus_cache):
+    """The real thing: kill -9 a CLI run after its first checkpoint, resume it, compare."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sets = [f"data.cache_dir={corpus_cache}", "train.steps=40", "train.checkpoint_every=5", "train.eval_every=10"]
+    train(tiny(corpus_cache, *sets[1:]), tmp_path, "whole", progress=False)
+    command = [sys.executable, "-m", "stabilitylab", "train", str(TINY), *[a for s in sets for a in ("--set", s)],
+               "--lab", str(tmp_path), "--run-id", "killed", "--no-progress"]
+    process = subprocess.Popen(command, cwd=TINY.parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (tmp_path / "killed" / "run.db").exists() and len(open_run("killed", tmp_path).checkpoints()):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = open_run("killed", tmp_path).summary()
+    assert killed["status"] == "running" and not killed["alive"] and killed["last_step"] < 40
+    assert train(tiny(corpus_cache, *sets[1:]), tmp_path, "killed", resume=True, progress=False) == "finished"
+    assert records(tmp_path, "killed") == records(tmp_path, "whole")
