@@ -95,13 +95,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) one run; a diverged run is a result, so it exits 0 too."""
     from stabilitylab.experiment import load_experiment
     from stabilitylab.store import open_run
+    from stabilitylab.train.distributed import is_main_process
     from stabilitylab.train.trainer import train
 
     exp = load_experiment(args.experiment, args.sets)
-    if exp.sweep.grid or exp.sweep.seeds:
+    if (exp.sweep.grid or exp.sweep.seeds) and is_main_process():
         print(f"note: train ignores [sweep]; `stabilitylab sweep {args.experiment}` runs its cells", file=sys.stderr)
     run_id = args.run_id or exp.name
     status = train(exp, args.lab, run_id, resume=args.resume, source=args.experiment, progress=args.progress)
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return 0
     summary = open_run(run_id, args.lab).summary()
     if summary["status"] == "diverged":
         status = f"diverged at step {summary['status_step']}: {summary['status_reason']}"

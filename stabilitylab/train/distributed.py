@@ -39,6 +39,11 @@ class Process:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """True in a one-process run and on rank 0 of a torchrun job (the one that reports)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def start(device: str) -> Process:
     """Join the torchrun job if there is one; pick the device ("auto": cuda if available)."""
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -88,4 +93,4 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["Process", "start", "wrap", "sync_context", "all_reduce", "barrier", "stop"]
+__all__ = ["Process", "is_main_process", "start", "wrap", "sync_context", "all_reduce", "barrier", "stop"]
