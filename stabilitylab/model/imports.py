@@ -81,6 +81,7 @@ class ParcaeCheckpoint:
     """What load_parcae_checkpoint read, beside the model.
 
     config: config.json as read (save_parcae_checkpoint keeps its unmapped fields);
+    key_map: each of our parameters and the parcae_lm keys it came from (see from_parcae);
     unused: parameters parcae_lm stores but never uses in the forward pass, by their key.
     """
 
@@ -88,6 +89,7 @@ class ParcaeCheckpoint:
     weights_file: str
     config_class: str
     config: dict[str, Any]
+    key_map: list[KeyMapping]
     unused: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -358,6 +360,12 @@ def parcae_config(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[
     else:
         raw["n_layer"] = cfg.n_effective_layers
     tables, gates = value_embedding_layers(raw, kind)
+    kv_dim = n_kv_heads * (d_model // n_heads)
+    core = [i for i in cfg.ve_layers if cfg.looped and cfg.n_prelude <= i < cfg.n_prelude + cfg.n_core]
+    if core and cfg.state_dim != kv_dim:
+        raise _refuse(where, "value_embed_layers", f"core layer(s) {core} have value embeddings of width "
+                      f"d_state = {cfg.state_dim}, but parcae_lm makes every table {kv_dim} wide (the prelude's "
+                      "kv width)", "keep value embeddings out of the core, or make d_state equal that width")
     if set(cfg.ve_layers) != tables & gates:
         raise _refuse(where, "value_embed_layers", f"the model has value embeddings at layers "
                       f"{sorted(cfg.ve_layers)}, but parcae_lm applies them exactly at {sorted(tables & gates)} "
@@ -580,7 +588,7 @@ def load_parcae_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                                   "the file does not match config.json", source=file)
     model.load_state_dict(from_parcae(tensors, maps), strict=True)
     model.to(device=device, dtype=dtype).eval()
-    info = ParcaeCheckpoint(path, file.name, kind, raw, {k: tensors[k].clone() for k in unused})
+    info = ParcaeCheckpoint(path, file.name, kind, raw, maps, {k: tensors[k].clone() for k in unused})
     return model, info
 
 
