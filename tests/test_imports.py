@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,12 @@ def small_model(seed: int = 0, **overrides) -> LoopedLM:
     return randomize_(LoopedLM(ModelConfig(**{**SMALL, **overrides})), seed)
 
 
+def meta_model(**overrides) -> LoopedLM:
+    """A model without storage: enough for export's config checks, which come first."""
+    with torch.device("meta"):
+        return LoopedLM(ModelConfig(**{**SMALL, **overrides}))
+
+
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -70,22 +77,46 @@ def edit_weights(path: Path, fn) -> None:
 
 # ---- round trips ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights", ["model.pt", "pytorch_model.bin", "model.safetensors"])
-def test_load_export_load_is_exact(tmp_path, weights):
-    model = small_model()
-    save_parcae_checkpoint(model, tmp_path / "a", weights=weights)
-    first, info = load_parcae_checkpoint(tmp_path / "a")
-    assert info.weights_file == weights and info.config_class == "ParcaeConfig"
+@pytest.fixture(scope="module")
+def model() -> LoopedLM:
+    return small_model()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("saved")
+    save_parcae_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(saved, tmp_path) -> Path:
+    """A fresh copy of a valid checkpoint, for a test to break."""
+    return shutil.copytree(saved, tmp_path / "checkpoint")
+
+
+def test_load_export_load_is_exact(model, saved, tmp_path):
+    first, info = load_parcae_checkpoint(saved)
+    assert info.weights_file == "model.pt" and info.config_class == "ParcaeConfig"
     assert first.cfg == model.cfg
     assert_same_state(first, model)
-    save_parcae_checkpoint(first, tmp_path / "b", info=info, weights=weights)
-    second, info2 = load_parcae_checkpoint(tmp_path / "b")
+    save_parcae_checkpoint(first, tmp_path, info=info)
+    second, info2 = load_parcae_checkpoint(tmp_path)
     assert second.cfg == first.cfg and info2.config == info.config
     assert_same_state(second, first)
 
 
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.safetensors"])
+def test_every_weights_format_holds_the_same_tensors(model, tmp_path, weights):
+    save_parcae_checkpoint(model, tmp_path, weights=weights)
+    loaded, info = load_parcae_checkpoint(tmp_path)
+    assert info.weights_file == weights
+    assert_same_state(loaded, model)
+
+
 def test_loaded_model_computes_what_was_saved(tmp_path):
-    model = small_model(injection="concat", d_state=96, n_state_heads=3, tie_embeddings=False).eval()
+    model = small_model(injection="concat", n_core=1, mean_recurrence=3, backprop_depth=1, d_state=96,
+                        n_state_heads=3, value_embed_layers=(0, 2), tie_embeddings=False).eval()
     save_parcae_checkpoint(model, tmp_path)
     loaded, _ = load_parcae_checkpoint(tmp_path)
     tokens = torch.randint(0, 96, (2, 16))
@@ -130,7 +161,9 @@ def test_dead_value_embedding_parameters_are_kept_aside_and_written_back(tmp_pat
 def test_export_refuses_value_embeddings_parcae_lm_would_not_apply(tmp_path):
     # The lab default (1/1/1, μ_rec 4, μ_bwd 2) puts them at (0, 2); parcae_lm would gate only (1, 2).
     with pytest.raises(CheckpointError, match=r"value_embed_layers.*applies them exactly at \[2\]"):
-        save_parcae_checkpoint(LoopedLM(ModelConfig()), tmp_path)
+        with torch.device("meta"):
+            model = LoopedLM(ModelConfig())
+        save_parcae_checkpoint(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
 
 
@@ -144,15 +177,14 @@ def test_export_refuses_value_embeddings_parcae_lm_would_not_apply(tmp_path):
     (dict(init_std=0.02), "init_std"),
 ])
 def test_export_refuses_what_parcae_lm_cannot_express(tmp_path, overrides, field):
-    torch.manual_seed(0)
     with pytest.raises(CheckpointError, match=field):
-        save_parcae_checkpoint(LoopedLM(ModelConfig(**{**SMALL, **overrides})), tmp_path)
+        save_parcae_checkpoint(meta_model(**overrides), tmp_path)
 
 
-def test_export_refuses_to_leave_a_stale_weights_file_beside_the_new_one(tmp_path):
-    save_parcae_checkpoint(small_model(), tmp_path, weights="model.safetensors")
+def test_export_refuses_to_leave_a_stale_weights_file_beside_the_new_one(model, tmp_path):
+    save_parcae_checkpoint(model, tmp_path, weights="model.safetensors")
     with pytest.raises(CheckpointError, match="already holds model.safetensors"):
-        save_parcae_checkpoint(small_model(), tmp_path, weights="model.pt")
+        save_parcae_checkpoint(model, tmp_path, weights="model.pt")
 
 
 # ---- the released format ------------------------------------------------------------------------
@@ -200,12 +232,6 @@ def test_released_140m_config_maps_onto_our_preset():
 
 
 # ---- refusals ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    save_parcae_checkpoint(small_model(), tmp_path)
-    return tmp_path
-
 
 @pytest.mark.parametrize("field, value, says", [
     ("injection_type", "gated", "injection_type: 'gated' is not supported"),
@@ -466,7 +492,7 @@ def test_a_lab_model_exports_to_a_parcae_lm_model_with_the_same_logits(tmp_path)
 
 
 def test_export_refuses_core_value_embeddings_parcae_lm_would_size_differently(tmp_path):
-    model = small_model(d_state=96, n_state_heads=3)  # core layer 1 has one, 96 wide; parcae_lm's would be 64
+    model = meta_model(d_state=96, n_state_heads=3)  # core layer 1 has one, 96 wide; parcae_lm's would be 64
     with pytest.raises(CheckpointError, match=r"core layer\(s\) \[1\].*64 wide"):
         save_parcae_checkpoint(model, tmp_path)
 
