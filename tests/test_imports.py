@@ -379,7 +379,7 @@ def build_reference(kind: str, fields: dict, seed: int):
     from parcae_lm.models.registry import name_to_config
     recipe = dict(name_to_config["parcae-small-140m"])
     recipe.pop("architecture_class_name")
-    recipe.update(TINY)
+    recipe.update(TINY, skip_initialization=True)  # randomize_ sets every parameter
     if kind == "GPTConfig":
         for name in [k for k in recipe if k not in lm.GPTConfig.__dataclass_fields__]:
             del recipe[name]
