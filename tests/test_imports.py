@@ -172,7 +172,8 @@ def test_export_refuses_value_embeddings_parcae_lm_would_not_apply(tmp_path):
     (dict(injection="stable-dense"), "injection"),
     (dict(init_state="seeded"), "init_state"),
     (dict(depth_scheme="poisson-lognormal"), "depth_scheme"),
-    (dict(depth_granularity="batch"), "recurrent_iteration_method"),
+    (dict(depth_granularity="batch"), "depth_granularity"),
+    (dict(backprop_depth=5), "backprop_depth: 5 > mean_recurrence 4"),
     (dict(norm_position="post"), "norm_position"),
     (dict(init_std=0.02), "init_std"),
 ])
@@ -251,6 +252,7 @@ def test_released_140m_config_maps_onto_our_preset():
     ("sampling_scheme", "poisson-truncated-full-curriculum-1000", "sampling_scheme"),
     ("recurrent_iteration_method", "per-batch", "per-batch poisson-truncated-full"),
     ("mean_backprop_depth", 6, "mean_backprop_depth: 6 > mean_recurrence"),
+    ("rope_settings", {"use_rope": True, "rope_condense_ratio": 1, "rope_base": "50000"}, "malformed"),
     ("use_fused_head", "hhe", "use_fused_head"),
     ("rope_settings", {"use_rope": True, "rope_condense_ratio": 2, "rope_base": 50000}, "rope_condense_ratio"),
     ("n_embd", "64", "n_embd: '64' has the wrong type"),

@@ -76,6 +76,16 @@ class CheckpointError(ConfigError):
     """A parcae_lm checkpoint we cannot map exactly; names the file, the field or key, and the fix."""
 
 
+class KeyMapping(NamedTuple):
+    """Our parameter `ours` = cat(theirs, dim 0), transposed when `transposed`; `rows` are
+    the row counts of the parts (for splitting it back)."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    rows: tuple[int, ...] = ()
+    transposed: bool = False
+
+
 @dataclass
 class ParcaeCheckpoint:
     """What load_parcae_checkpoint read, beside the model.
@@ -200,17 +210,18 @@ def _choice(where: Path, name: str, value: Any, allowed: dict | tuple, why: str 
     return allowed[value] if isinstance(allowed, dict) else value
 
 
-def _check_depth_scheme(where: Path, scheme: str, granularity: str, mu_rec: int, mu_bwd: int) -> None:
+def _check_depth_scheme(where: Path, names: tuple[str, str], scheme: str, granularity: str, mu_rec: int,
+                        mu_bwd: int) -> None:
     """parcae_lm samples around max(μ_rec, μ_bwd), and per batch its poisson-truncated-full runs
-    n + min(n, μ_bwd) iterations, n = max(1, Poisson(μ_rec)): neither is one of our samplers."""
+    n + min(n, μ_bwd) iterations, n = max(1, Poisson(μ_rec)): neither is one of our samplers.
+    `names` are the caller's names of (μ_bwd, granularity), for the message."""
     if mu_bwd > mu_rec:
-        raise _refuse(where, "mean_backprop_depth", f"{mu_bwd} > mean_recurrence {mu_rec}: parcae_lm then "
-                      f"samples depths around {mu_bwd}, not {mu_rec}", "only mean_backprop_depth ≤ "
-                      "mean_recurrence can be mapped")
+        raise _refuse(where, names[0], f"{mu_bwd} > mean_recurrence {mu_rec}: parcae_lm then samples depths "
+                      f"around {mu_bwd}, not {mu_rec}", "only μ_bwd ≤ μ_rec can be mapped")
     if scheme == "poisson-truncated-full" and granularity == "batch":
-        raise _refuse(where, "recurrent_iteration_method", "per-batch poisson-truncated-full in parcae_lm "
-                      "runs n + min(n, μ_bwd) iterations with n = max(1, Poisson(μ_rec)), which stabilitylab "
-                      "does not implement", "use per-sequence or per-token (the released models' setting)")
+        raise _refuse(where, names[1], "per-batch poisson-truncated-full in parcae_lm runs n + min(n, μ_bwd) "
+                      "iterations with n = max(1, Poisson(μ_rec)), which stabilitylab does not implement",
+                      "use per-sequence or per-token (the released models' setting)")
 
 
 def _unless(value: Any, default: Any) -> Any:
@@ -265,9 +276,10 @@ def model_config(raw: dict[str, Any], where: Path) -> tuple[ModelConfig, str]:
     _choice(where, "init_strategy", raw["init_strategy"], INIT_STRATEGIES,
             " (it scales the embedding or the logits, or draws the initial state with another std)")
     rope = raw["rope_settings"]
-    if set(rope) != {"use_rope", "rope_condense_ratio", "rope_base"}:
-        raise _refuse(where, "rope_settings", f"has keys {sorted(rope)}",
-                      "expected exactly use_rope, rope_condense_ratio, rope_base")
+    if set(rope) != {"use_rope", "rope_condense_ratio", "rope_base"} or not isinstance(rope["use_rope"], bool) \
+            or isinstance(rope["rope_base"], bool) or not isinstance(rope["rope_base"], (int, float)):
+        raise _refuse(where, "rope_settings", f"{rope} is malformed",
+                      'expected {"use_rope": bool, "rope_condense_ratio": int, "rope_base": number}')
     if rope["rope_condense_ratio"] != 1:
         raise _refuse(where, "rope_settings.rope_condense_ratio", f"{rope['rope_condense_ratio']!r} divides the "
                       "RoPE positions, which stabilitylab does not implement", "only 1 can be imported")
@@ -289,7 +301,8 @@ def model_config(raw: dict[str, Any], where: Path) -> tuple[ModelConfig, str]:
         scheme = _choice(where, "sampling_scheme", raw["sampling_scheme"], SAMPLING_SCHEMES)
         granularity = _choice(where, "recurrent_iteration_method", raw["recurrent_iteration_method"],
                               ITERATION_METHODS)
-        _check_depth_scheme(where, scheme, granularity, mu_rec, mu_bwd)
+        _check_depth_scheme(where, ("mean_backprop_depth", "recurrent_iteration_method"), scheme, granularity,
+                            mu_rec, mu_bwd)
         fields.update(
             looped=True, n_prelude=raw["n_layers_in_prelude"], n_core=raw["n_layers_in_recurrent_block"],
             n_coda=raw["n_layers_in_coda"], d_state=_unless(state, d),
@@ -344,7 +357,8 @@ def parcae_config(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[
         if cfg.init_state == "truncnormal" and not math.isclose(cfg.std, math.sqrt(2 / (5 * cfg.d_model))):
             raise _refuse(where, "init_std", f"{cfg.init_std} draws h_0 with another std than parcae_lm's "
                           f"√(2/(5·d_model))", "leave init_std unset, or use init_state = 'zero'")
-        _check_depth_scheme(where, cfg.depth_scheme, cfg.depth_granularity, cfg.mean_recurrence, cfg.mu_bwd)
+        _check_depth_scheme(where, ("backprop_depth", "depth_granularity"), cfg.depth_scheme,
+                            cfg.depth_granularity, cfg.mean_recurrence, cfg.mu_bwd)
         state, state_heads, _, state_mlp = cfg.block_widths(core=True)
         raw.update(
             injection_type=inverse("injection", cfg.injection, INJECTIONS), n_layers_in_prelude=cfg.n_prelude,
@@ -375,16 +389,6 @@ def parcae_config(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[
 
 
 # ---- state dict keys ----------------------------------------------------------------------
-
-class KeyMapping(NamedTuple):
-    """Our parameter `ours` = cat(theirs, dim 0), transposed when `transposed`; `rows` are
-    the row counts of the parts (for splitting it back)."""
-
-    ours: str
-    theirs: tuple[str, ...]
-    rows: tuple[int, ...] = ()
-    transposed: bool = False
-
 
 def _block_prefixes(cfg: ModelConfig, kind: str) -> list[tuple[str, str, bool]]:
     """(our prefix, their prefix, is a core block) for every effective layer, in order."""
@@ -516,6 +520,42 @@ def _list(keys: set[str]) -> str:
     return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
+def _check_tensors(tensors: dict[str, Tensor], file: Path, cfg: ModelConfig, raw: dict[str, Any],
+                   shapes: dict[str, tuple[int, ...]], head: str) -> None:
+    """Exactly the keys of `shapes` (mapped and unused ones), with those shapes, plus a tied
+    lm_head equal to the embedding and an optional freqs_cis equal to rope_settings' table
+    (it is checked, not loaded)."""
+    checked = {"lm_head.weight"} if head == "tied" else set()
+    expected = set(shapes) | checked
+    unknown, missing = set(tensors) - expected - {"freqs_cis"}, expected - set(tensors)
+    if unknown:
+        raise CheckpointError(sorted(unknown)[0], f"unexpected key(s) for this config: {_list(unknown)}",
+                              "the file does not match config.json; stabilitylab loads nothing it cannot map",
+                              source=file)
+    if missing:
+        raise CheckpointError(sorted(missing)[0], f"missing key(s): {_list(missing)}",
+                              "the file does not match config.json (n_layers_*, injection_type, tie_embeddings?)",
+                              source=file)
+    integer = sorted(k for k in expected if not tensors[k].is_floating_point())
+    if integer:
+        raise CheckpointError(integer[0], "holds integers, not floating-point weights", "re-save the state dict",
+                              source=file)
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(key, f"has shape {tuple(tensors[key].shape)}, the config needs {shape}",
+                                  "the file does not match config.json", source=file)
+    if "freqs_cis" in tensors:
+        expect, got = _freqs_cis(cfg), tensors["freqs_cis"]
+        if got.shape != expect.shape or not torch.allclose(got.float(), expect, rtol=0, atol=1e-5):
+            raise CheckpointError("freqs_cis", f"(shape {tuple(got.shape)}) is not the RoPE table of "
+                                  f"rope_settings {raw['rope_settings']} with head_dim {cfg.head_dim} and "
+                                  f"block_size {cfg.block_size}", "fix rope_settings / block_size in config.json",
+                                  source=file)
+    if head == "tied" and not torch.equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"]):
+        raise CheckpointError("lm_head.weight", "differs from transformer.wte.weight although tie_embeddings "
+                              "is true", "set tie_embeddings to false in config.json", source=file)
+
+
 def is_parcae_checkpoint(path: str | Path) -> bool:
     """True when `path` is a directory with a weights file and a config.json naming a parcae_lm
     config class (or, lacking "_class_name", a Parcae model_class_name). Does not validate it."""
@@ -549,43 +589,11 @@ def load_parcae_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     head = _head_layout(raw, kind)
     maps = key_map(cfg, kind, head)
     unused = unused_shapes(cfg, raw, kind)
-    checked = {"lm_head.weight"} if head == "tied" else set()
-    expected = {k for m in maps for k in m.theirs} | set(unused) | checked
-    unknown, missing = set(tensors) - expected - {"freqs_cis"}, expected - set(tensors)
-    if unknown:
-        raise CheckpointError(sorted(unknown)[0], f"unexpected key(s) for this config: {_list(unknown)}",
-                              "the file does not match config.json; stabilitylab loads nothing it cannot map",
-                              source=file)
-    if missing:
-        raise CheckpointError(sorted(missing)[0], f"missing key(s): {_list(missing)}",
-                              "the file does not match config.json (n_layers_*, injection_type, tie_embeddings?)",
-                              source=file)
-    bad_dtype = {k for k in expected if not tensors[k].is_floating_point()}
-    if bad_dtype:
-        raise CheckpointError(sorted(bad_dtype)[0], "holds integers, not floating-point weights",
-                              "re-save the state dict", source=file)
-    for key, shape in unused.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(key, f"has shape {tuple(tensors[key].shape)}, expected {shape}",
-                                  "the file does not match config.json", source=file)
-    if "freqs_cis" in tensors:
-        expect = _freqs_cis(cfg)
-        got = tensors["freqs_cis"]
-        if got.shape != expect.shape or not torch.allclose(got.float(), expect, rtol=0, atol=1e-5):
-            raise CheckpointError("freqs_cis", f"(shape {tuple(got.shape)}) is not the RoPE table of "
-                                  f"rope_settings {raw['rope_settings']} with head_dim {cfg.head_dim} and "
-                                  f"block_size {cfg.block_size}", "fix rope_settings / block_size in config.json",
-                                  source=file)
-    if head == "tied" and not torch.equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"]):
-        raise CheckpointError("lm_head.weight", "differs from transformer.wte.weight although tie_embeddings "
-                              "is true", "set tie_embeddings to false in config.json", source=file)
-
-    model = (LoopedLM if cfg.looped else GPT)(cfg)
-    shapes = to_parcae({k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}, maps)
-    for key, t in shapes.items():
-        if tensors[key].shape != t.shape:
-            raise CheckpointError(key, f"has shape {tuple(tensors[key].shape)}, the config needs {tuple(t.shape)}",
-                                  "the file does not match config.json", source=file)
+    model_class = LoopedLM if cfg.looped else GPT
+    with torch.device("meta"):  # shapes only, no storage, no init
+        needed = to_parcae(model_class(cfg).state_dict(), maps)
+    _check_tensors(tensors, file, cfg, raw, {**unused, **{k: tuple(t.shape) for k, t in needed.items()}}, head)
+    model = model_class(cfg)
     model.load_state_dict(from_parcae(tensors, maps), strict=True)
     model.to(device=device, dtype=dtype).eval()
     info = ParcaeCheckpoint(path, file.name, kind, raw, maps, {k: tensors[k].clone() for k in unused})
@@ -632,6 +640,6 @@ def save_parcae_checkpoint(model: LoopedLM, path: str | Path, info: ParcaeCheckp
     return path
 
 
-__all__ = ["CheckpointError", "ParcaeCheckpoint", "load_parcae_checkpoint", "save_parcae_checkpoint",
+__all__ = ["CheckpointError", "ParcaeCheckpoint", "KeyMapping", "load_parcae_checkpoint", "save_parcae_checkpoint",
            "is_parcae_checkpoint", "model_config", "parcae_config", "key_map", "from_parcae", "to_parcae",
            "gpt_split", "value_embedding_layers", "WEIGHT_FILES"]
