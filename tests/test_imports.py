@@ -20,7 +20,7 @@ import torch
 
 from stabilitylab.config import ModelConfig
 from stabilitylab.model import GPT, Depth, LoopedLM
-from stabilitylab.model.imports import (CheckpointError, from_parcae, gpt_split, is_parcae_checkpoint, key_map,
+from stabilitylab.model.imports import (CheckpointError, from_parcae, gpt_split, is_parcae_checkpoint,
                                         load_parcae_checkpoint, model_config, save_parcae_checkpoint)
 
 LISTING = Path(__file__).parent / "data" / "parcae_lm_state_dict.txt"
@@ -217,8 +217,10 @@ def test_the_documented_state_dict_loads_key_for_key(tmp_path):
     assert torch.equal(model.core[1].attn.qkv.weight, torch.cat(
         [tensors[f"transformer.core_block.1.attn.c_{p}.weight"] for p in "qkv"]))
     assert torch.equal(model.readout.weight, tensors["transformer.C.weight"])
-    mapped = {k for m in key_map(model.cfg, "ParcaeConfig", "tied") for k in m.theirs}
-    assert mapped | {"freqs_cis", "lm_head.weight"} == set(shapes)
+    save_parcae_checkpoint(model, tmp_path / "export", info=info)  # and we write that format, key for key
+    written = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
+    assert {k: tuple(t.shape) for k, t in written.items()} == shapes
+    assert json.loads((tmp_path / "export" / "config.json").read_text()) == raw
 
 
 def test_released_140m_config_maps_onto_our_preset():
@@ -284,7 +286,8 @@ def test_a_missing_config_field_is_refused(checkpoint):
 @pytest.mark.parametrize("edit, says", [
     (lambda t: t.update({"transformer.extra.weight": torch.zeros(1)}), "transformer.extra.weight: unexpected"),
     (lambda t: t.pop("transformer.core_block.1.mlp.fc.weight"), "transformer.core_block.1.mlp.fc.weight: missing"),
-    (lambda t: t.update({"transformer.C.weight": torch.zeros(64, 32)}), "transformer.C.weight: has shape (64, 32)"),
+    (lambda t: t.update({"transformer.C.weight": torch.zeros(64, 32)}),
+     "transformer.C.weight: has shape (64, 32), the config needs (64, 64)"),
     (lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}), "lm_head.weight: differs"),
     (lambda t: t.update({"freqs_cis": t["freqs_cis"] * 2}), "freqs_cis"),
 ])

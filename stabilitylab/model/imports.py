@@ -272,7 +272,8 @@ def model_config(raw: dict[str, Any], where: Path) -> tuple[ModelConfig, str]:
                       f"set it to one of {', '.join(CONFIG_CLASSES)}")
     _check_fields(raw, kind, where)
     if kind == "ParcaeConfig":
-        _choice(where, "use_fused_head", raw["use_fused_head"], FUSED_HEADS_PARCAE, " (its head returns no logits)")
+        _choice(where, "use_fused_head", raw["use_fused_head"], FUSED_HEADS_PARCAE,
+                " (its head returns no logits)")
     _choice(where, "init_strategy", raw["init_strategy"], INIT_STRATEGIES,
             " (it scales the embedding or the logits, or draws the initial state with another std)")
     rope = raw["rope_settings"]
@@ -309,7 +310,8 @@ def model_config(raw: dict[str, Any], where: Path) -> tuple[ModelConfig, str]:
             n_state_heads=_unless(raw["recurrent_num_attention_heads"], heads),
             d_state_mlp=_unless(raw["recurrent_intermediation_embedding_dimension"], 4 * state),
             injection=_choice(where, "injection_type", raw["injection_type"], INJECTIONS),
-            prelude_norm=raw["prelude_norm"], init_state=_choice(where, "state_init", raw["state_init"], STATE_INITS),
+            prelude_norm=raw["prelude_norm"],
+            init_state=_choice(where, "state_init", raw["state_init"], STATE_INITS),
             mean_recurrence=mu_rec, backprop_depth=mu_bwd, depth_scheme=scheme, depth_granularity=granularity)
     try:
         cfg = ModelConfig(**fields)
@@ -397,7 +399,8 @@ def _block_prefixes(cfg: ModelConfig, kind: str) -> list[tuple[str, str, bool]]:
     if kind == "GPTConfig":
         theirs = [f"transformer.h.{i}" for i in range(P + C + D)]
     else:
-        theirs = ([f"transformer.prelude.{i}" for i in range(P)] + [f"transformer.core_block.{j}" for j in range(C)]
+        theirs = ([f"transformer.prelude.{i}" for i in range(P)]
+                  + [f"transformer.core_block.{j}" for j in range(C)]
                   + [f"transformer.coda.{i}" for i in range(D)])
     return [(o, t, P <= i < P + C) for i, (o, t) in enumerate(zip(ours, theirs))]
 
@@ -427,7 +430,8 @@ def key_map(cfg: ModelConfig, kind: str, head: str) -> list[KeyMapping]:
             maps.append(KeyMapping("prelude_norm.weight", ("transformer.ln_prelude.weight",)))
         maps.append(KeyMapping("readout.weight", ("transformer.C.weight",)))
         if cfg.injection == "parcae":
-            maps += [KeyMapping(f"injection.{p}", (f"transformer.adapter.{p}",)) for p in ("A_log", "dt_bias", "B")]
+            maps += [KeyMapping(f"injection.{p}", (f"transformer.adapter.{p}",))
+                     for p in ("A_log", "dt_bias", "B")]
         elif cfg.injection == "concat":
             maps.append(KeyMapping("injection.W", ("transformer.adapter.adapter.weight",)))
     if head in ("linear", "transposed"):
@@ -566,7 +570,8 @@ def is_parcae_checkpoint(path: str | Path) -> bool:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(raw, dict) and (raw.get("_class_name") in CONFIG_CLASSES or raw.get("model_class_name") == "Parcae")
+    return isinstance(raw, dict) and (raw.get("_class_name") in CONFIG_CLASSES
+                                      or raw.get("model_class_name") == "Parcae")
 
 
 def load_parcae_checkpoint(path: str | Path, device: str | torch.device = "cpu",
@@ -629,7 +634,8 @@ def save_parcae_checkpoint(model: LoopedLM, path: str | Path, info: ParcaeCheckp
     kept = info.unused if info else {}
     for key, shape in unused_shapes(cfg, raw, kind).items():
         keep = kept.get(key)
-        tensors[key] = keep if keep is not None and tuple(keep.shape) == shape else state["wte.weight"].new_zeros(shape)
+        fits = keep is not None and tuple(keep.shape) == shape
+        tensors[key] = keep if fits else state["wte.weight"].new_zeros(shape)
     tensors["freqs_cis"] = _freqs_cis(cfg)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
