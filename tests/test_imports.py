@@ -258,6 +258,8 @@ def test_released_140m_config_maps_onto_our_preset():
     ("use_fused_head", "hhe", "use_fused_head"),
     ("rope_settings", {"use_rope": True, "rope_condense_ratio": 2, "rope_base": 50000}, "rope_condense_ratio"),
     ("n_embd", "64", "n_embd: '64' has the wrong type"),
+    ("n_layers_in_recurrent_block", 0, "n_layers_in_recurrent_block: a looped model needs at least one core"),
+    ("num_attention_heads", 3, "num_attention_heads: d_model = 64 is not divisible"),
     ("new_field", 1, "new_field: unknown ParcaeConfig field"),
 ])
 def test_config_values_that_change_the_forward_are_refused(checkpoint, field, value, says):
@@ -321,21 +323,22 @@ def test_a_pickle_that_would_run_code_is_refused_unrun(checkpoint, writer):
     if writer == "torch.save":
         torch.save(state, checkpoint / "model.pt")
     else:
-        (checkpoint / "model.pt").write_bytes(pickle.dumps(state))
+        (checkpoint / "model.pt").write_bytes(pickle.dumps(state, protocol=2))
     with pytest.raises(CheckpointError, match="model.pt: weights: cannot be read safely"):
         load_parcae_checkpoint(checkpoint)
     assert not marker.exists()
 
 
-def test_is_parcae_checkpoint_recognises_the_directory_only(checkpoint, tmp_path_factory):
+def test_a_parcae_lm_directory_is_recognised_by_its_config(checkpoint, tmp_path_factory):
     assert is_parcae_checkpoint(checkpoint)
     assert not is_parcae_checkpoint(checkpoint / "config.json")
     other = tmp_path_factory.mktemp("other")
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (other / "model.safetensors").write_bytes(b"")
     assert not is_parcae_checkpoint(other)
-    (checkpoint / "model.pt").unlink()
-    assert not is_parcae_checkpoint(checkpoint)
+    (checkpoint / "model.pt").unlink()  # still routed to the loader, which says what is missing
+    assert is_parcae_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match="weights: none of model.safetensors, pytorch_model.bin, model.pt"):
+        load_parcae_checkpoint(checkpoint)
 
 
 # ---- numerical equivalence with the authors' implementation ---------------------------------------

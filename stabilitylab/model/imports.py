@@ -146,6 +146,15 @@ MAPPED_PARCAE: dict[str, tuple[type, ...]] = {
 }
 MAPPED_GPT: dict[str, tuple[type, ...]] = {"n_layer": (int,)}
 
+# Our field → the config.json field it comes from (for errors that ModelConfig raises).
+SOURCE_FIELDS = {
+    "vocab_size": "padded_vocab_size", "d_model": "n_embd", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "d_mlp": "intermediate_size", "n_prelude": "n_layers_in_prelude",
+    "n_core": "n_layers_in_recurrent_block", "n_coda": "n_layers_in_coda",
+    "d_state": "recurrent_embedding_dimension", "n_state_heads": "recurrent_num_attention_heads",
+    "d_state_mlp": "recurrent_intermediation_embedding_dimension", "backprop_depth": "mean_backprop_depth",
+}
+
 NONLINS = {"ReLU2": "relu2", "GELU": "gelu", "SiLU": "silu"}  # torch.nn.GELU/SiLU defaults = F.gelu/F.silu
 INJECTIONS = {"diagonal": "parcae", "linear": "concat", "add": "add"}
 STATE_INITS = {"like-init": "truncnormal", "zero": "zero"}
@@ -316,7 +325,8 @@ def model_config(raw: dict[str, Any], where: Path) -> tuple[ModelConfig, str]:
     try:
         cfg = ModelConfig(**fields)
     except ConfigError as err:
-        raise _refuse(where, err.field, err.problem, err.fix) from None
+        raise _refuse(where, SOURCE_FIELDS.get(err.field, err.field), f"{err.problem} (as our {err.field})",
+                      err.fix) from None
     _check_rope_head_dims(cfg, where)
     return cfg, kind
 
@@ -481,10 +491,6 @@ def _freqs_cis(cfg: ModelConfig) -> Tensor:
 
 # ---- reading and writing files ------------------------------------------------------------
 
-def _weights_file(path: Path) -> Path | None:
-    return next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
-
-
 def _read_weights(file: Path) -> dict[str, Tensor]:
     """A flat state dict, read without running any code from the file."""
     try:
@@ -561,11 +567,10 @@ def _check_tensors(tensors: dict[str, Tensor], file: Path, cfg: ModelConfig, raw
 
 
 def is_parcae_checkpoint(path: str | Path) -> bool:
-    """True when `path` is a directory with a weights file and a config.json naming a parcae_lm
-    config class (or, lacking "_class_name", a Parcae model_class_name). Does not validate it."""
+    """True when `path` is a directory whose config.json names a parcae_lm config class (or,
+    lacking "_class_name", a Parcae model_class_name): a cheap test for routing a path to
+    load_parcae_checkpoint, whose errors then say what is missing or wrong."""
     path = Path(path)
-    if not path.is_dir() or _weights_file(path) is None:
-        return False
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -586,7 +591,7 @@ def load_parcae_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                               "weights)", source=path)
     raw = _read_config(path)
     cfg, kind = model_config(raw, path / "config.json")
-    file = _weights_file(path)
+    file = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
     if file is None:
         raise CheckpointError("weights", f"none of {', '.join(WEIGHT_FILES)} found", "add the state dict file",
                               source=path)
