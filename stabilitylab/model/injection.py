@@ -124,9 +124,14 @@ class Parcae(Injection):
         """(Δ, a) with Δ = softplus(dt_bias) and a = exp(A_log): Ā = exp(−Δ a)."""
         return F.softplus(self.dt_bias), torch.exp(self.A_log)
 
-    def transition(self) -> Tensor:
+    def log_transition(self) -> Tensor:
+        """log Ā = −Δ·a, strictly negative whenever Δ and a are: the margin below ρ = 1
+        that exp() may round away in low precision."""
         dt, a = self.rates()
-        return torch.exp(-dt * a)
+        return -dt * a
+
+    def transition(self) -> Tensor:
+        return torch.exp(self.log_transition())
 
     def input_scale(self) -> Tensor:
         """Per-channel factor of B̄ = scale ⊙ B: Euler uses Δ."""
