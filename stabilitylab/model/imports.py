@@ -603,8 +603,7 @@ def load_parcae_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):  # shapes only, no storage, no init
         needed = to_parcae(model_class(cfg).state_dict(), maps)
     _check_tensors(tensors, file, cfg, raw, {**unused, **{k: tuple(t.shape) for k, t in needed.items()}}, head)
-    model = model_class(cfg)
-    model.load_state_dict(from_parcae(tensors, maps), strict=True)
+    model = model_class.from_state_dict(cfg, from_parcae(tensors, maps))
     model.to(device=device, dtype=dtype).eval()
     info = ParcaeCheckpoint(path, file.name, kind, raw, maps, {k: tensors[k].clone() for k in unused})
     return model, info
