@@ -31,8 +31,8 @@ def scaled_orthogonal_(weight: Tensor, std: float) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / √(mean(x²) + eps); with fp32=True normalised in float32, cast back,
-    then scaled by w (the reference's order of operations)."""
+    """y = w ⊙ x / √(mean(x²) + eps); with fp32=True a half-precision x is normalised in
+    float32, cast back, then scaled by w (the reference's order of operations)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, fp32: bool = True):
         super().__init__()
@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fp32 and x.dtype != torch.float32:
+        if self.fp32 and x.dtype in (torch.float16, torch.bfloat16):
             return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
@@ -63,9 +63,10 @@ def rope_table(head_dim: int, length: int, base: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in float32."""
+    """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in float32
+    (float64 when x is float64)."""
     cos, sin = table[:, : x.shape[-3]]
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return (xf * cos + swapped * sin).type_as(x)
 
