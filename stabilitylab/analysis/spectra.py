@@ -1,0 +1,379 @@
+"""Spectra of the loop: ρ, ‖·‖₂ and eigenvalues of Ā, and of the loop map's Jacobian.
+
+The linearised loop h ← Ā h + B̄ e is stable iff the spectral radius
+
+    ρ(Ā) = max |λᵢ(Ā)|  <  1.
+
+For a diagonal Ā (a vector a) the eigenvalues are the entries, so ρ = ‖Ā‖₂ = max|aᵢ|.
+For a dense Ā, ρ ≤ ‖Ā‖₂ = σ_max(Ā), with equality when Ā is normal; ρ decides whether
+Āᵗ → 0, ‖Ā‖₂ < 1 whether every single step contracts.
+
+The nonlinear loop F near a state h: F(h + δ) ≈ F(h) + J δ with J = ∂F/∂h. The leading
+eigenvalues of J are found from Jacobian-vector products J v alone (torch.func.jvp),
+without forming J: ARPACK's implicitly restarted Arnoldi, or block power iteration
+with Rayleigh-Ritz. `method="dense"` forms J with n JVPs and is the reference.
+
+Every function here takes any torch map f: h → h, not only a LoopedLM's loop map;
+`loop_jacobian` is the LoopedLM entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Map = Callable[[Tensor], Tensor]
+
+FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32,
+                "float16": torch.float16, "bfloat16": torch.bfloat16}
+METHODS = ("auto", "dense", "arnoldi", "power")
+AUTO_DENSE_MAX = 512  # method="auto" forms J densely up to this many state entries
+
+
+# ---- Ā: a diagonal vector or a dense matrix, from numpy, torch or cupy ------------------------
+
+def _float_dtype(dtype: Any) -> torch.dtype:
+    """A torch floating dtype from a torch dtype, a numpy dtype or a name like "bfloat16"."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    elif isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not a floating dtype; use one of {', '.join(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[name]
+
+
+def _to_torch(A: Any) -> tuple[Tensor, str]:
+    """(A as a torch tensor, sharing memory where possible; the library it came from).
+    cupy is never imported here: a cupy array exists only once its user imported cupy."""
+    if isinstance(A, Tensor):
+        return A, "torch"
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(A, cupy.ndarray):
+        return torch.from_dlpack(A), "cupy"
+    if isinstance(A, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(A)), "numpy"
+    raise TypeError(f"expected a numpy, torch or cupy array, got {type(A).__name__}")
+
+
+def _from_torch(t: Tensor, library: str) -> Any:
+    if library == "numpy":
+        return t.cpu().numpy()
+    if library == "cupy":
+        return sys.modules["cupy"].from_dlpack(t)
+    return t
+
+
+def _transition(A: Any, dtype: Any) -> tuple[Tensor, str]:
+    """Ā as float64 (complex128) after rounding it to `dtype`, checked: (d,) or (d, d), finite."""
+    t, library = _to_torch(A)
+    if t.ndim not in (1, 2) or t.numel() == 0 or (t.ndim == 2 and t.shape[0] != t.shape[1]):
+        raise ValueError(f"Ā must be a non-empty (d,) diagonal or a square (d, d) matrix, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        raise TypeError("Ā must be numeric, got a boolean array")
+    if dtype is not None:
+        if t.is_complex():
+            raise ValueError("dtype= rounds a real Ā to a float dtype; this Ā is complex")
+        t = t.to(_float_dtype(dtype))  # the rounding the model's arithmetic would apply
+    t = t.to(torch.complex128 if t.is_complex() else torch.float64)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"Ā has {int((~torch.isfinite(t)).sum())} non-finite entries; its spectrum is undefined")
+    return t, library
+
+
+def eigenvalues(A: Any, dtype: Any = None) -> Any:
+    """Eigenvalues of Ā, complex128, sorted by modulus, descending, in A's library and device.
+
+    A: a (d,) diagonal (its entries are the eigenvalues) or a (d, d) matrix; numpy, torch or
+    cupy. dtype: round A to this dtype first ("float32", torch.bfloat16, ...), to see the
+    matrix the model's arithmetic actually holds; the eigenvalues are then computed in float64.
+    """
+    t, library = _transition(A, dtype)
+    lam = t.to(torch.complex128) if t.ndim == 1 else torch.linalg.eigvals(t)
+    return _from_torch(_by_modulus(lam), library)
+
+
+def spectral_radius(A: Any, dtype: Any = None) -> float:
+    """ρ(Ā) = max|λᵢ| (= max|aᵢ| for a diagonal). With dtype= Ā is first rounded to that
+    dtype, so an entry exp(−Δa) that rounds to 1.0 in the model's dtype reports ρ = 1.0."""
+    t, _ = _transition(A, dtype)
+    lam = t if t.ndim == 1 else torch.linalg.eigvals(t)
+    return float(lam.abs().max())
+
+
+def spectral_norm(A: Any, dtype: Any = None) -> float:
+    """‖Ā‖₂ = σ_max(Ā) (= max|aᵢ| for a diagonal), after rounding to dtype as in spectral_radius."""
+    t, _ = _transition(A, dtype)
+    return float(t.abs().max() if t.ndim == 1 else torch.linalg.matrix_norm(t, ord=2))
+
+
+def _by_modulus(lam: Tensor) -> Tensor:
+    """Sort by modulus, descending; ties by imaginary part, descending (conjugate pairs +, −)."""
+    lam = lam[torch.argsort(lam.imag, descending=True, stable=True)]
+    return lam[torch.argsort(lam.abs(), descending=True, stable=True)]
+
+
+# ---- maps h → h and their Jacobian-vector products -------------------------------------------
+
+def checked_map(f: Map, h: Tensor) -> Tensor:
+    """f(h), after checking that h is a finite float tensor and that f returns a finite
+    tensor of h's shape, dtype and device (a loop map must map the state space to itself)."""
+    if not isinstance(h, Tensor) or not h.is_floating_point():
+        raise TypeError(f"the state must be a real floating torch tensor, got {getattr(h, 'dtype', type(h))}")
+    if h.numel() == 0:
+        raise ValueError("the state is empty")
+    if not torch.isfinite(h).all():
+        raise ValueError("the state has non-finite entries")
+    with torch.no_grad(), math_attention():
+        y = f(h)
+    if not isinstance(y, Tensor) or (y.shape, y.dtype, y.device) != (h.shape, h.dtype, h.device):
+        got = (tuple(y.shape), y.dtype, y.device) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"f maps a state of (shape, dtype, device) {(tuple(h.shape), h.dtype, h.device)} to "
+                         f"{got}; a loop map must return a state like its input")
+    if not torch.isfinite(y).all():
+        raise ValueError(f"f(h) has {int((~torch.isfinite(y)).sum())} non-finite entries at this state")
+    return y
+
+
+def math_attention():
+    """Attention by its math definition: forward-mode AD has no rule for the fused kernels."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+@torch.no_grad()
+def batched_jvp(f: Map, h: Tensor, V: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(f(h), J V): the k tangents V of shape (k, *h.shape) pushed through J = ∂f/∂h at h.
+
+    One torch.func.vmap over torch.func.jvp; f(h) is computed once, as the unbatched primal.
+    No autograd graph is built (torch.no_grad does not affect forward-mode AD).
+    """
+    with math_attention():
+        return vmap(lambda v: jvp(f, (h,), (v,)), out_dims=(None, 0), chunk_size=chunk_size)(V)
+
+
+def orthonormal_rows(n: int, k: int, seed: int) -> Tensor:
+    """k orthonormal rows of length n (float64, CPU) from a seeded normal draw, so the same on
+    every device; row 0 is the first draw of the generator, normalised."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, R = torch.linalg.qr(torch.randn(k, n, generator=gen, dtype=torch.float64).T)
+    return (Q * R.diagonal().sign()).T
+
+
+def _work_dtype(h: Tensor) -> torch.dtype:
+    """Linear algebra on tangents runs in at least float32 (no bfloat16 QR or eig)."""
+    return torch.promote_types(h.dtype, torch.float32)
+
+
+# ---- the Jacobian spectrum ------------------------------------------------------------------------
+
+@dataclass
+class JacobianSpectrum:
+    """The k leading eigenvalues of J = ∂F/∂h at a state.
+
+    radius: |eigenvalues[0]|, the spectral radius of J; eigenvalues: complex128 numpy array,
+    by modulus, descending; method: "dense", "arnoldi" or "power"; dim: n, the size of the
+    state vector; jvps: Jacobian-vector products spent (n for dense).
+    """
+
+    radius: float
+    eigenvalues: np.ndarray
+    method: str
+    dim: int
+    jvps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"radius": self.radius, "eigenvalues_re": self.eigenvalues.real.tolist(),
+                "eigenvalues_im": self.eigenvalues.imag.tolist(), "method": self.method,
+                "dim": self.dim, "jvps": self.jvps}
+
+
+def _default_tol(h: Tensor) -> float:
+    """Convergence tolerance relative to |λ|: 1e-8, or 16 ulps of the JVPs' dtype if coarser."""
+    return max(1e-8, 16 * torch.finfo(h.dtype).eps)
+
+
+def _dense(f: Map, h: Tensor, chunk_size: int | None) -> tuple[Tensor, int]:
+    """All n eigenvalues of J, formed column by column: J eᵢ for the n unit vectors eᵢ."""
+    n = h.numel()
+    eye = torch.eye(n, dtype=h.dtype, device=h.device).view(n, *h.shape)
+    _, columns = batched_jvp(f, h, eye, chunk_size)
+    J = columns.reshape(n, n).T
+    return torch.linalg.eigvals(J.to(torch.float64)), n
+
+
+def _arnoldi(f: Map, h: Tensor, k: int, tol: float, maxiter: int | None, seed: int) -> tuple[Tensor, int]:
+    """ARPACK (scipy.sparse.linalg.eigs, which="LM") on a LinearOperator whose matvec is one
+    JVP. ARPACK works in float64 on the host; each x is cast to h's dtype and device, so the
+    attainable accuracy is that of the JVP's dtype (hence tol is at least 16 of its ulps).
+    Caveat of every Krylov method: where moduli cluster (a disk of eigenvalues) it may return
+    a slightly smaller eigenvalue in place of a larger one among the k; ρ = |λ₁| is the most
+    reliable. method="dense" is the reference when in doubt."""
+    n, count = h.numel(), 0
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        nonlocal count
+        count += 1
+        v = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(h.shape)).to(h)
+        with torch.no_grad(), math_attention():
+            Jv = jvp(f, (h,), (v,))[1]
+        return Jv.reshape(-1).to(device="cpu", dtype=torch.float64).numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    v0 = orthonormal_rows(n, 1, seed)[0].numpy()
+    try:
+        lam = scipy.sparse.linalg.eigs(op, k=k, which="LM", v0=v0, tol=tol, maxiter=maxiter,
+                                       return_eigenvectors=False)
+    except scipy.sparse.linalg.ArpackNoConvergence as err:
+        raise RuntimeError(f"ARPACK did not converge after {count} JVPs (tol {tol:g}); raise maxiter, "
+                           "loosen tol, or use method='dense' for a small state") from err
+    return torch.from_numpy(lam), count
+
+
+def _power(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> tuple[Tensor, int]:
+    """Block power (subspace) iteration with Rayleigh-Ritz, all on h's device:
+
+        Z = J Q  (p batched JVPs),  H = Qᵀ Z,  H yᵢ = θᵢ yᵢ,  Q ← orth(Z)
+
+    with p = k + 4 vectors. The Ritz pairs (θᵢ, Q yᵢ) have residual ‖Z yᵢ − θᵢ Q yᵢ‖; stop when
+    the k leading ones are below tol·|θ₁|. Converges like |λ_{p+1}/λ_k|ᵗ.
+    """
+    n = h.numel()
+    p = min(n, k + 4)
+    work = _work_dtype(h)
+    Q = orthonormal_rows(n, p, seed).to(device=h.device, dtype=work).T  # (n, p)
+    for it in range(1, maxiter + 1):
+        _, Z = batched_jvp(f, h, Q.T.to(h.dtype).reshape(p, *h.shape))
+        Z = Z.reshape(p, n).T.to(work)
+        theta, Y = torch.linalg.eig(Q.T.to(torch.float64) @ Z.to(torch.float64))
+        order = torch.argsort(theta.abs(), descending=True)[:k]
+        theta, Y = theta[order], Y[:, order]
+        residual = (Z.to(Y.dtype) @ Y - (Q.to(Y.dtype) @ Y) * theta).norm(dim=0)
+        if bool((residual <= tol * theta.abs().max()).all()):
+            return theta, it * p
+        Q, _ = torch.linalg.qr(Z)
+    raise RuntimeError(f"power iteration did not converge in {maxiter} iterations ({maxiter * p} JVPs, tol {tol:g}); "
+                       "the leading eigenvalues may be clustered: use method='arnoldi'")
+
+
+def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto", tol: float | None = None,
+                             maxiter: int | None = None, seed: int = 0,
+                             chunk_size: int | None = None) -> JacobianSpectrum:
+    """The k leading eigenvalues of J = ∂f/∂h at h, and ρ(J) = |λ₁|.
+
+    f: any torch map from a state of h's shape to the same shape (a LoopedLM's
+    `loop_map(e, tokens)`, or a textbook map). The state is flattened: n = h.numel().
+    method:
+        "dense"    J from n JVPs (vmapped, `chunk_size` at a time), all eigenvalues (reference)
+        "arnoldi"  ARPACK on JVPs, matrix-free (needs k < n − 1)
+        "power"    block power iteration with Rayleigh-Ritz on h's device, matrix-free
+        "auto"     dense when n ≤ 512 or k ≥ n − 1, else arnoldi
+    tol: relative accuracy of the eigenvalues (default 1e-8, or 16 ulps of h's dtype if that is
+    coarser: float32 1.9e-6, bfloat16 0.125); maxiter: ARPACK
+    restarts or power iterations (defaults: ARPACK's 10·n, power 1000); seed: start vectors.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    checked_map(f, h)
+    n = h.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k = {k} eigenvalues asked of a {n}-dimensional state; choose 1 ≤ k ≤ {n}")
+    if method == "auto":
+        method = "dense" if n <= AUTO_DENSE_MAX or k >= n - 1 else "arnoldi"
+    if method == "arnoldi" and k >= n - 1:
+        raise ValueError(f"ARPACK needs k < n − 1 = {n - 1}; use method='dense' for k = {k}")
+    tol = _default_tol(h) if tol is None else tol
+    if method == "dense":
+        lam, count = _dense(f, h, chunk_size)
+    elif method == "arnoldi":
+        lam, count = _arnoldi(f, h, k, tol, maxiter, seed)
+    else:
+        lam, count = _power(f, h, k, tol, 1000 if maxiter is None else maxiter, seed)
+    lam = _by_modulus(lam.to(device="cpu", dtype=torch.complex128))[:k].numpy()
+    return JacobianSpectrum(radius=float(abs(lam[0])), eigenvalues=lam, method=method, dim=n, jvps=count)
+
+
+# ---- the loop of a LoopedLM --------------------------------------------------------------------------
+
+@torch.no_grad()
+def loop_state(model: torch.nn.Module, tokens: Tensor, depth: int,
+               h0: Tensor | None = None) -> tuple[Map, Tensor]:
+    """(F, h_depth): the loop map F(·; e) of `model` for `tokens`, and the state after
+    `depth` iterations h ← F(h) from h0 (default model.initial_state(e), random unless the
+    model's init_state is "zero" or "seeded"). The model is put in eval mode."""
+    if not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be an int ≥ 0, got {depth!r}")
+    weight = next(model.parameters())
+    if tokens.device != weight.device:
+        raise ValueError(f"tokens are on {tokens.device} but the model is on {weight.device}; move one of them")
+    model.eval()
+    e = model.encode(tokens)
+    F = model.loop_map(e, tokens)
+    h = model.initial_state(e) if h0 is None else h0
+    if h.shape != (*e.shape[:-1], model.cfg.state_dim):
+        raise ValueError(f"h0 has shape {tuple(h.shape)}, the loop state is {(*e.shape[:-1], model.cfg.state_dim)}")
+    for _ in range(depth):
+        h = F(h)
+    return F, h
+
+
+def position_mask(h: Tensor, position: int) -> tuple[int, Tensor]:
+    """(p, mask): position as an index in 0..T−1 for a state (B, T, d), and a (1, T, 1) bool
+    mask that is True at p."""
+    if h.ndim != 3:
+        raise ValueError(f"the per-token view needs a state of shape (B, T, d), got {tuple(h.shape)}")
+    T = h.shape[1]
+    if not isinstance(position, int) or not -T <= position < T:
+        raise ValueError(f"position {position!r} is outside a sequence of length {T}")
+    p = position % T
+    return p, torch.arange(T, device=h.device).view(1, T, 1) == p
+
+
+def at_position(f: Map, h: Tensor, position: int) -> tuple[Map, Tensor]:
+    """(g, h[:, p]) with g(x) = f(h with h[:, p] replaced by x)[:, p], for a state (B, T, d).
+
+    ∂g/∂x is the diagonal block ∂F(h)[p]/∂h[p] of the loop's Jacobian: how the state at
+    position p moves itself, holding the other positions fixed. It ignores how position
+    p's state moves other positions (the blocks ∂F[q]/∂h[p], q > p, under causal attention)
+    and how they move p. Under causal attention J is block lower-triangular in positions,
+    so the union over p of these blocks' eigenvalues is exactly J's spectrum; what the
+    per-token view loses is the transient growth of the off-diagonal coupling.
+    """
+    p, mask = position_mask(h, position)
+
+    def g(x: Tensor) -> Tensor:
+        return f(torch.where(mask, x.unsqueeze(1), h))[:, p]
+
+    return g, h[:, p]
+
+
+def loop_jacobian(model: torch.nn.Module, tokens: Tensor, depth: int, position: int | None = None,
+                  h0: Tensor | None = None, k: int = 6, method: str = "auto", tol: float | None = None,
+                  maxiter: int | None = None, seed: int = 0, chunk_size: int | None = None) -> JacobianSpectrum:
+    """The Jacobian spectrum of a LoopedLM's loop map at h_depth.
+
+    encode(tokens) → h0 (initial_state, or the given one) → depth iterations of F → the k
+    leading eigenvalues of ∂F/∂h there. Whole-sequence view (position=None): the state
+    (B, T, d) is one vector of size B·T·d; sequences do not interact, so with B > 1 the
+    spectrum is the union of the sequences' spectra. Per-token view (position=p): the
+    diagonal block ∂F[p]/∂h[p] (see `at_position`), a (B·d)-dimensional map.
+    k, method, tol, maxiter, seed, chunk_size: as in jacobian_spectral_radius. Runs on the
+    device of model and tokens, in the model's dtype (use model.double() for float64).
+    """
+    F, h = loop_state(model, tokens, depth, h0)
+    if position is not None:
+        F, h = at_position(F, h, position)
+    return jacobian_spectral_radius(F, h, k=k, method=method, tol=tol, maxiter=maxiter, seed=seed,
+                                    chunk_size=chunk_size)
