@@ -56,14 +56,14 @@ def henon_ensemble(M, steps, seed=1):
 # ---- linear maps ----------------------------------------------------------------------------------
 
 @settings(max_examples=5, deadline=None)
-@given(st.floats(0.05, 0.5), st.lists(st.floats(1.2, 3.0), max_size=3), st.data())
+@given(st.floats(0.05, 0.5), st.lists(st.floats(1.5, 3.0), max_size=3), st.data())
 def test_a_diagonal_linear_map_has_exponents_log_abs_entries(base, ratios, data):
-    """Moduli at least 20% apart, so 150 burn-in steps align the frame to ≪ 1e-6."""
+    """Moduli at least 1.5× apart, so 50 burn-in steps align the frame to 1.5⁻⁵⁰ ≈ 1e-9."""
     moduli = base * np.cumprod([1.0, *ratios])
     signs = data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=len(moduli), max_size=len(moduli)))
     order = data.draw(st.permutations(range(len(moduli))))
     a = torch.tensor([signs[i] * moduli[i] for i in order], dtype=torch.float64)
-    result = lyapunov_spectrum(lambda h: a * h, torch.ones(len(a), dtype=torch.float64), steps=10, burn_in=150)
+    result = lyapunov_spectrum(lambda h: a * h, torch.ones(len(a), dtype=torch.float64), steps=5, burn_in=50)
     np.testing.assert_allclose(result.exponents, np.log(moduli)[::-1], rtol=0, atol=1e-6)
 
 
@@ -99,19 +99,19 @@ def test_running_estimates_end_at_the_exponents_and_to_dict_is_plain_json():
 # ---- a chaotic map: Hénon ------------------------------------------------------------------------------
 
 def test_henon_exponents_match_the_published_values():
-    """M·steps = 64 000 iterations: one standard deviation ≈ 1.2e-3."""
-    lambda1, lambda2, total = henon_ensemble(M=64, steps=1000)
-    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=4e-3)
-    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=4e-3)
+    """M·steps = 32 000 iterations: one standard deviation ≈ 1.6e-3."""
+    lambda1, lambda2, total = henon_ensemble(M=64, steps=500)
+    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=6e-3)
+    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=6e-3)
     assert total == pytest.approx(64 * math.log(HENON_B), abs=1e-9)
 
 
 @pytest.mark.slow
-def test_a_long_henon_ensemble_pins_the_published_exponents_to_1e_3():
-    """M·steps ≈ 1e6 iterations: one standard deviation ≈ 3e-4."""
-    lambda1, lambda2, _ = henon_ensemble(M=256, steps=4000)
-    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=1e-3)
-    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=1e-3)
+def test_a_long_henon_ensemble_pins_the_published_exponents_to_1_5e_3():
+    """M·steps ≈ 5e5 iterations: one standard deviation ≈ 4e-4."""
+    lambda1, lambda2, _ = henon_ensemble(M=128, steps=4000)
+    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=1.5e-3)
+    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=1.5e-3)
 
 
 def test_henon_exponents_sum_to_log_b(henon_orbit):

@@ -205,6 +205,13 @@ def test_the_jacobian_of_a_diagonal_nonlinear_map_is_known():
     assert json.loads(json.dumps(result.to_dict()))["radius"] == result.radius
 
 
+def test_the_dense_jacobian_is_the_same_built_in_chunks():
+    f, h = spiked_map(40), torch.full((40,), 0.1, dtype=torch.float64)
+    whole = jacobian_spectral_radius(f, h, k=40, method="dense")
+    chunked = jacobian_spectral_radius(f, h, k=40, method="dense", chunk_size=7)
+    np.testing.assert_allclose(chunked.eigenvalues, whole.eigenvalues, rtol=0, atol=1e-12)
+
+
 def test_a_map_that_changes_the_shape_is_refused():
     with pytest.raises(ValueError, match="must return a state like its input"):
         jacobian_spectral_radius(lambda h: h[:2], torch.ones(3))

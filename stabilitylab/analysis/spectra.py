@@ -10,8 +10,9 @@ For a dense Ā, ρ ≤ ‖Ā‖₂ = σ_max(Ā), with equality when Ā is normal
 
 The nonlinear loop F near a state h: F(h + δ) ≈ F(h) + J δ with J = ∂F/∂h. The leading
 eigenvalues of J are found from Jacobian-vector products J v alone (torch.func.jvp),
-without forming J: ARPACK's implicitly restarted Arnoldi, or block power iteration
-with Rayleigh-Ritz. `method="dense"` forms J with n JVPs and is the reference.
+without forming J: ARPACK's implicitly restarted Arnoldi on the host, or block power
+iteration with Rayleigh-Ritz on the state's device.
+`method="dense"` forms J with n JVPs and is the reference.
 
 Every function here takes any torch map f: h → h, not only a LoopedLM's loop map;
 `loop_jacobian` is the LoopedLM entry point.
@@ -154,14 +155,14 @@ def math_attention():
 
 
 @torch.no_grad()
-def batched_jvp(f: Map, h: Tensor, V: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+def batched_jvp(f: Map, h: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     """(f(h), J V): the k tangents V of shape (k, *h.shape) pushed through J = ∂f/∂h at h.
 
     One torch.func.vmap over torch.func.jvp; f(h) is computed once, as the unbatched primal.
     No autograd graph is built (torch.no_grad does not affect forward-mode AD).
     """
     with math_attention():
-        return vmap(lambda v: jvp(f, (h,), (v,)), out_dims=(None, 0), chunk_size=chunk_size)(V)
+        return vmap(lambda v: jvp(f, (h,), (v,)), out_dims=(None, 0))(V)
 
 
 def orthonormal_rows(n: int, k: int, seed: int) -> Tensor:
@@ -201,23 +202,24 @@ class JacobianSpectrum:
 
 
 def _default_tol(h: Tensor) -> float:
-    """Convergence tolerance relative to |λ|: 1e-8, or 16 ulps of the JVPs' dtype if coarser."""
-    return max(1e-8, 16 * torch.finfo(h.dtype).eps)
+    """Convergence tolerance relative to |λ₁|: 1e-8, or 100 ulps of the JVPs' dtype if coarser
+    (a JVP in float32 is itself only linear to a few ulps)."""
+    return max(1e-8, 100 * torch.finfo(h.dtype).eps)
 
 
 def _dense(f: Map, h: Tensor, chunk_size: int | None) -> tuple[Tensor, int]:
-    """All n eigenvalues of J, formed column by column: J eᵢ for the n unit vectors eᵢ."""
+    """All n eigenvalues of J, formed from the columns J eᵢ, chunk_size unit vectors at a time."""
     n = h.numel()
     eye = torch.eye(n, dtype=h.dtype, device=h.device).view(n, *h.shape)
-    _, columns = batched_jvp(f, h, eye, chunk_size)
-    J = columns.reshape(n, n).T
+    columns = [batched_jvp(f, h, chunk)[1] for chunk in eye.split(chunk_size or n)]
+    J = torch.cat(columns).reshape(n, n).T
     return torch.linalg.eigvals(J.to(torch.float64)), n
 
 
 def _arnoldi(f: Map, h: Tensor, k: int, tol: float, maxiter: int | None, seed: int) -> tuple[Tensor, int]:
     """ARPACK (scipy.sparse.linalg.eigs, which="LM") on a LinearOperator whose matvec is one
     JVP. ARPACK works in float64 on the host; each x is cast to h's dtype and device, so the
-    attainable accuracy is that of the JVP's dtype (hence tol is at least 16 of its ulps).
+    attainable accuracy is that of the JVP's dtype (hence tol is at least 100 of its ulps).
     Caveat of every Krylov method: where moduli cluster (a disk of eigenvalues) it may return
     a slightly smaller eigenvalue in place of a larger one among the k; ρ = |λ₁| is the most
     reliable. method="dense" is the reference when in doubt."""
@@ -242,30 +244,47 @@ def _arnoldi(f: Map, h: Tensor, k: int, tol: float, maxiter: int | None, seed: i
     return torch.from_numpy(lam), count
 
 
+def _apply(f: Map, h: Tensor, V: Tensor) -> Tensor:
+    """J V for a basis V of shape (n, p): one batched JVP of its p columns."""
+    p = V.shape[1]
+    _, Z = batched_jvp(f, h, V.T.to(h.dtype).reshape(p, *h.shape))
+    return Z.reshape(p, -1).T.to(V.dtype)
+
+
+def _ritz(V: Tensor, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Rayleigh-Ritz on span V (orthonormal n × p) given W = J V, in float64:
+
+        H = Vᵀ W,   H yᵢ = θᵢ yᵢ (‖yᵢ‖ = 1),   residual ‖W yᵢ − θᵢ V yᵢ‖
+
+    Returns the k leading θᵢ by modulus and their residuals."""
+    V, W = V.double(), W.double()
+    theta, Y = torch.linalg.eig(V.T @ W)
+    order = torch.argsort(theta.abs(), descending=True, stable=True)[:k]
+    theta, Y = theta[order], Y[:, order]
+    WY = torch.complex(W @ Y.real, W @ Y.imag)
+    VY = torch.complex(V @ Y.real, V @ Y.imag)
+    return theta, (WY - VY * theta).norm(dim=0)
+
+
 def _power(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> tuple[Tensor, int]:
-    """Block power (subspace) iteration with Rayleigh-Ritz, all on h's device:
+    """Block power (subspace) iteration with Rayleigh-Ritz, on h's device:
 
-        Z = J Q  (p batched JVPs),  H = Qᵀ Z,  H yᵢ = θᵢ yᵢ,  Q ← orth(Z)
+        W = J Q  (p batched JVPs),  Ritz pairs of Qᵀ W,  Q ← orth(W)
 
-    with p = k + 4 vectors. The Ritz pairs (θᵢ, Q yᵢ) have residual ‖Z yᵢ − θᵢ Q yᵢ‖; stop when
-    the k leading ones are below tol·|θ₁|. Converges like |λ_{p+1}/λ_k|ᵗ.
-    """
+    with p = k + 4 vectors; stop when the k leading Ritz residuals are below tol·|θ₁|.
+    Converges like |λ_{p+1}/λ_k|ᵗ: fast when the leading eigenvalues stand apart from the
+    rest, slow when their moduli cluster (then use "arnoldi")."""
     n = h.numel()
     p = min(n, k + 4)
-    work = _work_dtype(h)
-    Q = orthonormal_rows(n, p, seed).to(device=h.device, dtype=work).T  # (n, p)
+    Q = orthonormal_rows(n, p, seed).to(device=h.device, dtype=_work_dtype(h)).T
     for it in range(1, maxiter + 1):
-        _, Z = batched_jvp(f, h, Q.T.to(h.dtype).reshape(p, *h.shape))
-        Z = Z.reshape(p, n).T.to(work)
-        theta, Y = torch.linalg.eig(Q.T.to(torch.float64) @ Z.to(torch.float64))
-        order = torch.argsort(theta.abs(), descending=True)[:k]
-        theta, Y = theta[order], Y[:, order]
-        residual = (Z.to(Y.dtype) @ Y - (Q.to(Y.dtype) @ Y) * theta).norm(dim=0)
+        W = _apply(f, h, Q)
+        theta, residual = _ritz(Q, W, k)
         if bool((residual <= tol * theta.abs().max()).all()):
             return theta, it * p
-        Q, _ = torch.linalg.qr(Z)
+        Q, _ = torch.linalg.qr(W)
     raise RuntimeError(f"power iteration did not converge in {maxiter} iterations ({maxiter * p} JVPs, tol {tol:g}); "
-                       "the leading eigenvalues may be clustered: use method='arnoldi'")
+                       "the leading moduli may cluster: use method='arnoldi'")
 
 
 def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto", tol: float | None = None,
@@ -277,12 +296,13 @@ def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto"
     `loop_map(e, tokens)`, or a textbook map). The state is flattened: n = h.numel().
     method:
         "dense"    J from n JVPs (vmapped, `chunk_size` at a time), all eigenvalues (reference)
-        "arnoldi"  ARPACK on JVPs, matrix-free (needs k < n − 1)
-        "power"    block power iteration with Rayleigh-Ritz on h's device, matrix-free
+        "arnoldi"  ARPACK on the host, one JVP per product, matrix-free (needs k < n − 1)
+        "power"    block power iteration on h's device, k + 4 batched JVPs per iteration,
+                   matrix-free: for leading eigenvalues that stand apart from the rest
         "auto"     dense when n ≤ 512 or k ≥ n − 1, else arnoldi
-    tol: relative accuracy of the eigenvalues (default 1e-8, or 16 ulps of h's dtype if that is
-    coarser: float32 1.9e-6, bfloat16 0.125); maxiter: ARPACK
-    restarts or power iterations (defaults: ARPACK's 10·n, power 1000); seed: start vectors.
+    tol: convergence, Ritz residual ‖J x − θ x‖ ≤ tol·|θ| (power: tol·|θ₁|), default 1e-8 or
+    100 ulps of h's dtype if coarser (float32: 1.2e-5); maxiter: ARPACK restarts (default
+    10·n) or power iterations (default 1000); seed: the start vectors.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
