@@ -10,8 +10,8 @@ For a dense Ā, ρ ≤ ‖Ā‖₂ = σ_max(Ā), with equality when Ā is normal
 
 The nonlinear loop F near a state h: F(h + δ) ≈ F(h) + J δ with J = ∂F/∂h. The leading
 eigenvalues of J are found from Jacobian-vector products J v alone (torch.func.jvp),
-without forming J: ARPACK's implicitly restarted Arnoldi on the host, or block power
-iteration with Rayleigh-Ritz on the state's device.
+without forming J: a restarted block Arnoldi method on the state's device (batched
+JVPs), ARPACK's implicitly restarted Arnoldi on the host, or block power iteration.
 `method="dense"` forms J with n JVPs and is the reference.
 
 Every function here takes any torch map f: h → h, not only a LoopedLM's loop map;
@@ -35,7 +35,8 @@ Map = Callable[[Tensor], Tensor]
 
 FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
-METHODS = ("auto", "dense", "arnoldi", "power")
+METHODS = ("auto", "dense", "krylov", "arnoldi", "power")
+KRYLOV_BLOCK = 8  # JVPs per vmapped call in method="krylov"
 AUTO_DENSE_MAX = 512  # method="auto" forms J densely up to this many state entries
 
 
@@ -203,7 +204,7 @@ class JacobianSpectrum:
 
 def _default_tol(h: Tensor) -> float:
     """Convergence tolerance relative to |λ₁|: 1e-8, or 100 ulps of the JVPs' dtype if coarser
-    (a JVP in float32 is itself only linear to a few ulps)."""
+    (a float32 JVP is itself linear only to a few ulps)."""
     return max(1e-8, 100 * torch.finfo(h.dtype).eps)
 
 
@@ -251,19 +252,19 @@ def _apply(f: Map, h: Tensor, V: Tensor) -> Tensor:
     return Z.reshape(p, -1).T.to(V.dtype)
 
 
-def _ritz(V: Tensor, W: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _ritz(V: Tensor, W: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Rayleigh-Ritz on span V (orthonormal n × p) given W = J V, in float64:
 
         H = Vᵀ W,   H yᵢ = θᵢ yᵢ (‖yᵢ‖ = 1),   residual ‖W yᵢ − θᵢ V yᵢ‖
 
-    Returns the k leading θᵢ by modulus and their residuals."""
+    Returns all θᵢ and their yᵢ by modulus, descending, and the residuals of the first k."""
     V, W = V.double(), W.double()
     theta, Y = torch.linalg.eig(V.T @ W)
-    order = torch.argsort(theta.abs(), descending=True, stable=True)[:k]
+    order = torch.argsort(theta.abs(), descending=True, stable=True)
     theta, Y = theta[order], Y[:, order]
-    WY = torch.complex(W @ Y.real, W @ Y.imag)
-    VY = torch.complex(V @ Y.real, V @ Y.imag)
-    return theta, (WY - VY * theta).norm(dim=0)
+    WY = torch.complex(W @ Y[:, :k].real, W @ Y[:, :k].imag)
+    VY = torch.complex(V @ Y[:, :k].real, V @ Y[:, :k].imag)
+    return theta, Y, (WY - VY * theta[:k]).norm(dim=0)
 
 
 def _power(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> tuple[Tensor, int]:
@@ -279,12 +280,71 @@ def _power(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> tu
     Q = orthonormal_rows(n, p, seed).to(device=h.device, dtype=_work_dtype(h)).T
     for it in range(1, maxiter + 1):
         W = _apply(f, h, Q)
-        theta, residual = _ritz(Q, W, k)
-        if bool((residual <= tol * theta.abs().max()).all()):
-            return theta, it * p
+        theta, _, residual = _ritz(Q, W, k)
+        if bool((residual <= tol * theta[0].abs()).all()):
+            return theta[:k], it * p
         Q, _ = torch.linalg.qr(W)
     raise RuntimeError(f"power iteration did not converge in {maxiter} iterations ({maxiter * p} JVPs, tol {tol:g}); "
-                       "the leading moduli may cluster: use method='arnoldi'")
+                       "the leading moduli may cluster: use method='krylov'")
+
+
+def _krylov(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> tuple[Tensor, int]:
+    """Restarted block Arnoldi on h's device, b = 8 JVPs per (vmapped) call.
+
+    Grow an orthonormal basis V = [V₀ V₁ ...], V_{j+1} = orth(J V_j ⊥ V), keeping W = J V;
+    after each block, Rayleigh-Ritz on span V and stop when the k leading residuals are
+    below tol·|θ₁|. Before V would pass m = max(8b, 4k + 2b) columns, restart: keep an
+    orthonormal basis C of the invariant subspace of H = Vᵀ W for its leading half (at
+    least k + 1) of eigenvalues, V ← V C and W ← W C (no new JVPs), and grow on from the
+    last block. A block of b JVPs costs little more than one where per-call overhead
+    dominates (small states on a CPU, most states on a GPU), so this spends more JVPs
+    than ARPACK but fewer calls, and never leaves the device.
+    """
+    n, b = h.numel(), min(KRYLOV_BLOCK, h.numel())
+    m, gen = min(n, max(8 * b, 4 * k + 2 * b)), torch.Generator().manual_seed(seed)
+    V = orthonormal_rows(n, b, seed).to(device=h.device, dtype=_work_dtype(h)).T
+    W, last, count = _apply(f, h, V), b, b
+    for _ in range(maxiter):
+        theta, Y, residual = _ritz(V, W, min(k, V.shape[1]))
+        if V.shape[1] >= k and bool((residual <= tol * theta[0].abs()).all()):
+            return theta[:k], count
+        width = min(b, n - V.shape[1])
+        if width == 0:
+            raise RuntimeError(f"the Krylov basis spans all {n} dimensions but the residuals exceed tol {tol:g}, "
+                               "which is below the rounding of the JVPs: loosen tol")
+        new = _orthonormal_complement(W[:, -last:][:, :width], V, gen)
+        if V.shape[1] + width > m:
+            C = _real_basis(Y[:, :max(V.shape[1] // 2, k + 1)]).to(V)
+            if C.shape[1] + width > m:
+                raise RuntimeError(f"cannot restart a Krylov basis of {m} columns keeping {C.shape[1]}; "
+                                   "use method='arnoldi' or 'dense'")
+            V, W = V @ C, W @ C
+        V, W, last = torch.cat([V, new], 1), torch.cat([W, _apply(f, h, new)], 1), width
+        count += width
+    raise RuntimeError(f"the Krylov method did not converge in {maxiter} blocks ({count} JVPs, tol {tol:g}); "
+                       "raise maxiter or loosen tol")
+
+
+def _orthonormal_complement(W: Tensor, V: Tensor, gen: torch.Generator) -> Tensor:
+    """An orthonormal basis of W's columns made orthogonal to V's (Gram-Schmidt twice, then
+    QR). A column with nothing left (J maps it into span V) becomes a random direction, so
+    the basis always grows by W's width."""
+    for _ in range(2):
+        for _ in range(2):
+            W = W - V @ (V.T @ W)
+        Q, R = torch.linalg.qr(W)
+        lost = R.diagonal().abs() <= 1e-6 * W.norm(dim=0).max().clamp_min(torch.finfo(W.dtype).tiny)
+        if not bool(lost.any()):
+            break
+        W = torch.where(lost, torch.randn(W.shape, generator=gen, dtype=torch.float64).to(W), W)
+    return Q
+
+
+def _real_basis(Y: Tensor) -> Tensor:
+    """A real orthonormal basis of the span of complex vectors Y and their conjugates: the
+    span of their real and imaginary parts (rank-revealing, by SVD)."""
+    U, S, _ = torch.linalg.svd(torch.cat([Y.real, Y.imag], 1), full_matrices=False)
+    return U[:, S > 1e-8 * S[0]]
 
 
 def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto", tol: float | None = None,
@@ -296,13 +356,15 @@ def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto"
     `loop_map(e, tokens)`, or a textbook map). The state is flattened: n = h.numel().
     method:
         "dense"    J from n JVPs (vmapped, `chunk_size` at a time), all eigenvalues (reference)
-        "arnoldi"  ARPACK on the host, one JVP per product, matrix-free (needs k < n − 1)
+        "krylov"   restarted block Arnoldi on h's device, 8 batched JVPs per call, matrix-free
+        "arnoldi"  ARPACK on the host, one JVP per call, matrix-free (needs k < n − 1)
         "power"    block power iteration on h's device, k + 4 batched JVPs per iteration,
                    matrix-free: for leading eigenvalues that stand apart from the rest
-        "auto"     dense when n ≤ 512 or k ≥ n − 1, else arnoldi
-    tol: convergence, Ritz residual ‖J x − θ x‖ ≤ tol·|θ| (power: tol·|θ₁|), default 1e-8 or
-    100 ulps of h's dtype if coarser (float32: 1.2e-5); maxiter: ARPACK restarts (default
-    10·n) or power iterations (default 1000); seed: the start vectors.
+        "auto"     dense when n ≤ 512, else krylov
+    Matrix-free methods need a float32 or float64 state; dense takes any float dtype.
+    tol: convergence, Ritz residual ‖J x − θ x‖ ≤ tol·|θ₁| (ARPACK: tol·|θ|), default 1e-8 or
+    100 ulps of h's dtype if coarser (float32: 1.2e-5); maxiter: Krylov blocks, power
+    iterations (default 1000 each) or ARPACK restarts (default 10·n); seed: start vectors.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
@@ -311,12 +373,17 @@ def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto"
     if not 1 <= k <= n:
         raise ValueError(f"k = {k} eigenvalues asked of a {n}-dimensional state; choose 1 ≤ k ≤ {n}")
     if method == "auto":
-        method = "dense" if n <= AUTO_DENSE_MAX or k >= n - 1 else "arnoldi"
+        method = "dense" if n <= AUTO_DENSE_MAX else "krylov"
+    if method != "dense" and torch.finfo(h.dtype).bits < 32:
+        raise ValueError(f"matrix-free eigen-solvers need JVPs in float32 or float64, not {h.dtype} (linear only "
+                         "to ~1e-2): analyse a float32 copy (model.float()), or use method='dense'")
     if method == "arnoldi" and k >= n - 1:
         raise ValueError(f"ARPACK needs k < n − 1 = {n - 1}; use method='dense' for k = {k}")
     tol = _default_tol(h) if tol is None else tol
     if method == "dense":
         lam, count = _dense(f, h, chunk_size)
+    elif method == "krylov":
+        lam, count = _krylov(f, h, k, tol, 1000 if maxiter is None else maxiter, seed)
     elif method == "arnoldi":
         lam, count = _arnoldi(f, h, k, tol, maxiter, seed)
     else:
