@@ -19,7 +19,7 @@ import torch
 
 import stabilitylab as sl
 from stabilitylab.analysis import jacobian_spectral_radius, lyapunov_spectrum
-from stabilitylab.analysis.spectra import batched_jvp, loop_state
+from stabilitylab.analysis.maps import batched_jvp, loop_state
 
 THREADS = 1  # the ratios compare algorithms, not thread scaling; a busy shared box stalls OpenMP teams
 STEPS = 20  # orbit steps per Lyapunov round

@@ -181,8 +181,9 @@ def test_a_parcae_model_with_spread_decays_has_exponents_log_of_its_largest_deca
     whole sequence each decay is shared by all T = 3 positions, so each repeats three times."""
     model = tiny_model()
     decays = 0.9 * 0.8 ** torch.arange(32, dtype=torch.float64)
-    with torch.no_grad():
-        model.injection.A_log.copy_(torch.log(-torch.log(decays) / torch.nn.functional.softplus(model.injection.dt_bias)))
+    with torch.no_grad():  # Ā = exp(−Δ·exp(A_log)), so A_log = log(−log Ā / Δ)
+        dt = torch.nn.functional.softplus(model.injection.dt_bias)
+        model.injection.A_log.copy_(torch.log(-torch.log(decays) / dt))
     tokens = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(0))
     result = loop_lyapunov(model, tokens, depth=100, k=6, burn_in=90, position=position)
     leading = np.log(decays.numpy())

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stabilitylab.analysis.spectra import (Map, batched_jvp, checked_map, loop_state, math_attention,
-                                           orthonormal_rows, position_mask)
+from stabilitylab.analysis.maps import (Map, batched_jvp, checked_map, loop_state, math_attention, orthonormal_rows,
+                                       position_mask, work_dtype)
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _benettin(f: Map, h: Tensor, steps: int, k: int, burn_in: int, seed: int,
     embed maps (k, m) tangents to (k, *h.shape), project maps (k, *h.shape) back to (k, m)."""
     if not 1 <= k <= m:
         raise ValueError(f"k = {k} exponents asked of a {m}-dimensional tangent space; choose 1 ≤ k ≤ {m}")
-    work = torch.promote_types(h.dtype, torch.float32)  # QR needs ≥ float32
+    work = work_dtype(h)
     Q = orthonormal_rows(m, k, seed).to(device=h.device, dtype=work)  # (k, m), rows orthonormal
     logs = torch.empty(steps, k, dtype=torch.float64, device=h.device)
     finite = torch.empty(burn_in + steps, dtype=torch.bool, device=h.device)
@@ -177,7 +177,7 @@ def loop_lyapunov(model: torch.nn.Module, tokens: Tensor, depth: int, k: int = 8
     Whole-sequence view (position=None): tangents span the whole state (B, T, d), n = B·T·d.
     Per-token view (position=p): tangents live at position p and are measured there, so
     the cocycle is the diagonal block ∂F(h_t)[p]/∂h[p] along the orbit (see
-    spectra.at_position: it ignores how position p moves the other positions), m = B·d.
+    maps.at_position: it ignores how position p moves the other positions), m = B·d.
     Runs on the device of model and tokens, in the model's dtype.
     """
     if not isinstance(depth, int) or not 0 <= burn_in < depth:

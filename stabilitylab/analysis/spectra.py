@@ -14,24 +14,24 @@ without forming J: a restarted block Arnoldi method on the state's device (batch
 JVPs), ARPACK's implicitly restarted Arnoldi on the host, or block power iteration.
 `method="dense"` forms J with n JVPs and is the reference.
 
-Every function here takes any torch map f: h → h, not only a LoopedLM's loop map;
-`loop_jacobian` is the LoopedLM entry point.
+Every function here takes any torch map f: h → h, not only a LoopedLM's loop map
+(see maps.py); `loop_jacobian` is the LoopedLM entry point.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse.linalg
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import jvp
 
-Map = Callable[[Tensor], Tensor]
+from stabilitylab.analysis.maps import (Map, at_position, batched_jvp, checked_map, loop_state, math_attention,
+                                       orthonormal_rows, work_dtype)
 
 FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -104,7 +104,7 @@ def eigenvalues(A: Any, dtype: Any = None) -> Any:
     matrix the model's arithmetic actually holds; the eigenvalues are then computed in float64.
     """
     t, library = _transition(A, dtype)
-    lam = t.to(torch.complex128) if t.ndim == 1 else torch.linalg.eigvals(t)
+    lam = t.to(torch.complex128) if t.ndim == 1 else _eigvals(t)
     return _from_torch(_by_modulus(lam), library)
 
 
@@ -112,7 +112,7 @@ def spectral_radius(A: Any, dtype: Any = None) -> float:
     """ρ(Ā) = max|λᵢ| (= max|aᵢ| for a diagonal). With dtype= Ā is first rounded to that
     dtype, so an entry exp(−Δa) that rounds to 1.0 in the model's dtype reports ρ = 1.0."""
     t, _ = _transition(A, dtype)
-    lam = t if t.ndim == 1 else torch.linalg.eigvals(t)
+    lam = t if t.ndim == 1 else _eigvals(t)
     return float(lam.abs().max())
 
 
@@ -122,61 +122,20 @@ def spectral_norm(A: Any, dtype: Any = None) -> float:
     return float(t.abs().max() if t.ndim == 1 else torch.linalg.matrix_norm(t, ord=2))
 
 
+def _eigvals(M: Tensor) -> Tensor:
+    """Eigenvalues of a square float64 (complex128) matrix, on M's device. torch's LAPACK
+    (MKL) gives up on some badly scaled matrices (entries ~1e-245 beside 1) that numpy's
+    LAPACK solves; those are retried with numpy on the host."""
+    try:
+        return torch.linalg.eigvals(M)
+    except torch.linalg.LinAlgError:
+        return torch.from_numpy(np.linalg.eigvals(M.cpu().numpy())).to(M.device)
+
+
 def _by_modulus(lam: Tensor) -> Tensor:
     """Sort by modulus, descending; ties by imaginary part, descending (conjugate pairs +, −)."""
     lam = lam[torch.argsort(lam.imag, descending=True, stable=True)]
     return lam[torch.argsort(lam.abs(), descending=True, stable=True)]
-
-
-# ---- maps h → h and their Jacobian-vector products -------------------------------------------
-
-def checked_map(f: Map, h: Tensor) -> Tensor:
-    """f(h), after checking that h is a finite float tensor and that f returns a finite
-    tensor of h's shape, dtype and device (a loop map must map the state space to itself)."""
-    if not isinstance(h, Tensor) or not h.is_floating_point():
-        raise TypeError(f"the state must be a real floating torch tensor, got {getattr(h, 'dtype', type(h))}")
-    if h.numel() == 0:
-        raise ValueError("the state is empty")
-    if not torch.isfinite(h).all():
-        raise ValueError("the state has non-finite entries")
-    with torch.no_grad(), math_attention():
-        y = f(h)
-    if not isinstance(y, Tensor) or (y.shape, y.dtype, y.device) != (h.shape, h.dtype, h.device):
-        got = (tuple(y.shape), y.dtype, y.device) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"f maps a state of (shape, dtype, device) {(tuple(h.shape), h.dtype, h.device)} to "
-                         f"{got}; a loop map must return a state like its input")
-    if not torch.isfinite(y).all():
-        raise ValueError(f"f(h) has {int((~torch.isfinite(y)).sum())} non-finite entries at this state")
-    return y
-
-
-def math_attention():
-    """Attention by its math definition: forward-mode AD has no rule for the fused kernels."""
-    return sdpa_kernel(SDPBackend.MATH)
-
-
-@torch.no_grad()
-def batched_jvp(f: Map, h: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """(f(h), J V): the k tangents V of shape (k, *h.shape) pushed through J = ∂f/∂h at h.
-
-    One torch.func.vmap over torch.func.jvp; f(h) is computed once, as the unbatched primal.
-    No autograd graph is built (torch.no_grad does not affect forward-mode AD).
-    """
-    with math_attention():
-        return vmap(lambda v: jvp(f, (h,), (v,)), out_dims=(None, 0))(V)
-
-
-def orthonormal_rows(n: int, k: int, seed: int) -> Tensor:
-    """k orthonormal rows of length n (float64, CPU) from a seeded normal draw, so the same on
-    every device; row 0 is the first draw of the generator, normalised."""
-    gen = torch.Generator().manual_seed(seed)
-    Q, R = torch.linalg.qr(torch.randn(k, n, generator=gen, dtype=torch.float64).T)
-    return (Q * R.diagonal().sign()).T
-
-
-def _work_dtype(h: Tensor) -> torch.dtype:
-    """Linear algebra on tangents runs in at least float32 (no bfloat16 QR or eig)."""
-    return torch.promote_types(h.dtype, torch.float32)
 
 
 # ---- the Jacobian spectrum ------------------------------------------------------------------------
@@ -186,7 +145,7 @@ class JacobianSpectrum:
     """The k leading eigenvalues of J = ∂F/∂h at a state.
 
     radius: |eigenvalues[0]|, the spectral radius of J; eigenvalues: complex128 numpy array,
-    by modulus, descending; method: "dense", "arnoldi" or "power"; dim: n, the size of the
+    by modulus, descending; method: "dense", "krylov", "arnoldi" or "power"; dim: n, the size of the
     state vector; jvps: Jacobian-vector products spent (n for dense).
     """
 
@@ -214,7 +173,7 @@ def _dense(f: Map, h: Tensor, chunk_size: int | None) -> tuple[Tensor, int]:
     eye = torch.eye(n, dtype=h.dtype, device=h.device).view(n, *h.shape)
     columns = [batched_jvp(f, h, chunk)[1] for chunk in eye.split(chunk_size or n)]
     J = torch.cat(columns).reshape(n, n).T
-    return torch.linalg.eigvals(J.to(torch.float64)), n
+    return _eigvals(J.to(torch.float64)), n
 
 
 def _arnoldi(f: Map, h: Tensor, k: int, tol: float, maxiter: int | None, seed: int) -> tuple[Tensor, int]:
@@ -277,7 +236,7 @@ def _power(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> tu
     rest, slow when their moduli cluster (then use "arnoldi")."""
     n = h.numel()
     p = min(n, k + 4)
-    Q = orthonormal_rows(n, p, seed).to(device=h.device, dtype=_work_dtype(h)).T
+    Q = orthonormal_rows(n, p, seed).to(device=h.device, dtype=work_dtype(h)).T
     for it in range(1, maxiter + 1):
         W = _apply(f, h, Q)
         theta, _, residual = _ritz(Q, W, k)
@@ -302,7 +261,7 @@ def _krylov(f: Map, h: Tensor, k: int, tol: float, maxiter: int, seed: int) -> t
     """
     n, b = h.numel(), min(KRYLOV_BLOCK, h.numel())
     m, gen = min(n, max(8 * b, 4 * k + 2 * b)), torch.Generator().manual_seed(seed)
-    V = orthonormal_rows(n, b, seed).to(device=h.device, dtype=_work_dtype(h)).T
+    V = orthonormal_rows(n, b, seed).to(device=h.device, dtype=work_dtype(h)).T
     W, last, count = _apply(f, h, V), b, b
     for _ in range(maxiter):
         theta, Y, residual = _ritz(V, W, min(k, V.shape[1]))
@@ -393,58 +352,6 @@ def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto"
 
 
 # ---- the loop of a LoopedLM --------------------------------------------------------------------------
-
-@torch.no_grad()
-def loop_state(model: torch.nn.Module, tokens: Tensor, depth: int,
-               h0: Tensor | None = None) -> tuple[Map, Tensor]:
-    """(F, h_depth): the loop map F(·; e) of `model` for `tokens`, and the state after
-    `depth` iterations h ← F(h) from h0 (default model.initial_state(e), random unless the
-    model's init_state is "zero" or "seeded"). The model is put in eval mode."""
-    if not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be an int ≥ 0, got {depth!r}")
-    weight = next(model.parameters())
-    if tokens.device != weight.device:
-        raise ValueError(f"tokens are on {tokens.device} but the model is on {weight.device}; move one of them")
-    model.eval()
-    e = model.encode(tokens)
-    F = model.loop_map(e, tokens)
-    h = model.initial_state(e) if h0 is None else h0
-    if h.shape != (*e.shape[:-1], model.cfg.state_dim):
-        raise ValueError(f"h0 has shape {tuple(h.shape)}, the loop state is {(*e.shape[:-1], model.cfg.state_dim)}")
-    for _ in range(depth):
-        h = F(h)
-    return F, h
-
-
-def position_mask(h: Tensor, position: int) -> tuple[int, Tensor]:
-    """(p, mask): position as an index in 0..T−1 for a state (B, T, d), and a (1, T, 1) bool
-    mask that is True at p."""
-    if h.ndim != 3:
-        raise ValueError(f"the per-token view needs a state of shape (B, T, d), got {tuple(h.shape)}")
-    T = h.shape[1]
-    if not isinstance(position, int) or not -T <= position < T:
-        raise ValueError(f"position {position!r} is outside a sequence of length {T}")
-    p = position % T
-    return p, torch.arange(T, device=h.device).view(1, T, 1) == p
-
-
-def at_position(f: Map, h: Tensor, position: int) -> tuple[Map, Tensor]:
-    """(g, h[:, p]) with g(x) = f(h with h[:, p] replaced by x)[:, p], for a state (B, T, d).
-
-    ∂g/∂x is the diagonal block ∂F(h)[p]/∂h[p] of the loop's Jacobian: how the state at
-    position p moves itself, holding the other positions fixed. It ignores how position
-    p's state moves other positions (the blocks ∂F[q]/∂h[p], q > p, under causal attention)
-    and how they move p. Under causal attention J is block lower-triangular in positions,
-    so the union over p of these blocks' eigenvalues is exactly J's spectrum; what the
-    per-token view loses is the transient growth of the off-diagonal coupling.
-    """
-    p, mask = position_mask(h, position)
-
-    def g(x: Tensor) -> Tensor:
-        return f(torch.where(mask, x.unsqueeze(1), h))[:, p]
-
-    return g, h[:, p]
-
 
 def loop_jacobian(model: torch.nn.Module, tokens: Tensor, depth: int, position: int | None = None,
                   h0: Tensor | None = None, k: int = 6, method: str = "auto", tol: float | None = None,
