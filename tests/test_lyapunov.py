@@ -211,8 +211,14 @@ def test_a_map_that_changes_the_shape_is_refused():
 def test_an_orbit_that_overflows_is_reported_with_its_step():
     with pytest.raises(ValueError, match="left the finite numbers at step 3"):
         lyapunov_spectrum(lambda h: 1e120 * h, torch.ones(2, dtype=torch.float64), steps=10)
-    with pytest.raises(ValueError, match="non-finite"):
-        finite_time_lyapunov(lambda h: 1e120 * h, torch.ones(2, dtype=torch.float64), steps=10)
+    with pytest.raises(ValueError, match="failed at step 3"):
+        finite_time_lyapunov(lambda h: 1e120 * h, torch.ones(2, dtype=torch.float64), steps=10, delta=1.0)
+
+
+def test_twins_that_merge_are_reported():
+    """A constant map sends both twins to the same point: separation 0, exponent −∞."""
+    with pytest.raises(ValueError, match="merged"):
+        finite_time_lyapunov(lambda h: torch.zeros_like(h) + 0.5, torch.ones(2, dtype=torch.float64), steps=4)
 
 
 def test_bad_counts_are_refused():

@@ -150,18 +150,20 @@ def finite_time_lyapunov(f: Map, h0: Tensor, steps: int, burn_in: int = 0, delta
     u = orthonormal_rows(h.numel(), 1, seed)[0].view(h.shape).to(device=h.device)
     g = (h.double() + delta * u).to(h.dtype)
     logs = torch.empty(steps, dtype=torch.float64, device=h.device)
+    finite = torch.empty(burn_in + steps, dtype=torch.bool, device=h.device)
     with math_attention():
         for t in range(burn_in + steps):
             h, g = f(h), f(g)
             d = (g - h).double()
             s = d.norm()
+            finite[t] = torch.isfinite(h).all() & torch.isfinite(s) & (s > 0)
             if t >= burn_in:
                 logs[t - burn_in] = torch.log(s / delta)
             g = (h.double() + d * (delta / s)).to(h.dtype)
-    bad = _first_bad(torch.isfinite(logs))
-    if bad >= 0 or not bool(torch.isfinite(h).all()):
-        raise ValueError(f"the twin trajectories became non-finite (first bad step {burn_in + bad + 1} after "
-                         "burn-in): f(h) is non-finite, or the twins merged (separation 0: raise delta)")
+    bad = _first_bad(finite)
+    if bad >= 0:
+        raise ValueError(f"the twin trajectories failed at step {bad + 1}: f(h) is non-finite, or the twins "
+                         "merged (separation 0, so raise delta)")
     running = (logs.cumsum(0) / torch.arange(1, steps + 1, dtype=torch.float64, device=h.device)).cpu().numpy()
     return FiniteTimeLyapunov(exponent=float(running[-1]), running=running, steps=steps, burn_in=burn_in,
                               delta=delta)
