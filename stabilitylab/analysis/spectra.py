@@ -62,7 +62,7 @@ def _to_torch(A: Any) -> tuple[Tensor, str]:
     """(A as a torch tensor, sharing memory where possible; the library it came from).
     cupy is never imported here: a cupy array exists only once its user imported cupy."""
     if isinstance(A, Tensor):
-        return A, "torch"
+        return A.detach(), "torch"
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(A, cupy.ndarray):
         return torch.from_dlpack(A), "cupy"
