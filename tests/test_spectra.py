@@ -343,3 +343,19 @@ def test_a_float64_model_has_a_float64_jacobian():
     u, v = torch.randn(2, *h.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     _, (Ju, Jv, Juv) = batched_jvp(F, h, torch.stack([u, v, u + v]))
     torch.testing.assert_close(Juv, Ju + Jv, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_analysis_runs_on_the_device_of_its_inputs():
+    from stabilitylab.analysis import finite_time_lyapunov, loop_lyapunov
+
+    model = tiny_model().cuda()
+    tokens = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(0)).cuda()
+    rho = spectral_radius(model.injection.transition())
+    for method in ("dense", "krylov", "arnoldi", "power"):
+        assert loop_jacobian(model, tokens, depth=2, k=2, method=method).radius == pytest.approx(rho, rel=1e-9)
+    exponents = loop_lyapunov(model, tokens, depth=4, k=3).exponents
+    np.testing.assert_allclose(exponents, math.log(rho), atol=1e-9)
+    h = torch.full((2,), 0.5, dtype=torch.float64, device="cuda")
+    assert finite_time_lyapunov(lambda x: 0.5 * x, h, steps=5).exponent == pytest.approx(math.log(0.5))
+    assert isinstance(eigenvalues(torch.eye(2, device="cuda")), torch.Tensor)
