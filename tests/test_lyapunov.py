@@ -46,8 +46,9 @@ def henon_orbit():
 
 def henon_ensemble(M, steps, seed=1):
     """M independent Hénon orbits are one map on R^2M with spectrum {λ₁ ×M, λ₂ ×M}: the mean
-    of the top M exponents estimates λ₁ from M·steps iterations. Its standard deviation over
-    seeds, measured: 2.1e-3 at M = 32, steps = 600, shrinking like 1/√(M·steps)."""
+    of the top M exponents estimates λ₁ from M·steps iterations. Its standard deviation is
+    σ ≈ 5.9e-3·√(4000/steps)/√M (the spread of single-orbit estimates, measured over 40 000
+    orbits; 40 seeds of this function at M = 32, steps = 600 gave 2.5e-3 and a mean 0.4197)."""
     h0 = on_the_attractor(0.1 * torch.rand(M, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     exponents = lyapunov_spectrum(henon, h0, steps=steps, burn_in=20).exponents
     return exponents[:M].mean(), exponents[M:].mean(), exponents.sum()
@@ -106,19 +107,19 @@ def test_running_estimates_end_at_the_exponents_and_to_dict_is_plain_json():
 # ---- a chaotic map: Hénon ------------------------------------------------------------------------------
 
 def test_henon_exponents_match_the_published_values():
-    """M·steps = 32 000 iterations: one standard deviation ≈ 1.6e-3."""
+    """M = 64 orbits of 500 steps: σ ≈ 2.1e-3; the tolerance is 4σ."""
     lambda1, lambda2, total = henon_ensemble(M=64, steps=500)
-    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=6e-3)
-    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=6e-3)
+    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=8e-3)
+    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=8e-3)
     assert total == pytest.approx(64 * math.log(HENON_B), abs=1e-9)
 
 
 @pytest.mark.slow
-def test_a_long_henon_ensemble_pins_the_published_exponents_to_1_5e_3():
-    """M·steps ≈ 5e5 iterations: one standard deviation ≈ 4e-4."""
+def test_a_long_henon_ensemble_pins_the_published_exponents_to_2e_3():
+    """M = 128 orbits of 4000 steps: σ ≈ 5.2e-4; the tolerance is 4σ."""
     lambda1, lambda2, _ = henon_ensemble(M=128, steps=4000)
-    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=1.5e-3)
-    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=1.5e-3)
+    assert lambda1 == pytest.approx(HENON_EXPONENTS[0], abs=2e-3)
+    assert lambda2 == pytest.approx(HENON_EXPONENTS[1], abs=2e-3)
 
 
 def test_henon_exponents_sum_to_log_b(henon_orbit):

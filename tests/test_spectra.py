@@ -62,6 +62,7 @@ def matched(a, b):
 
 # ---- Ā --------------------------------------------------------------------------------------------
 
+@settings(deadline=None)
 @given(arrays(np.float64, st.integers(1, 12), elements=finite))
 def test_diagonal_radius_and_norm_are_the_largest_entry_modulus(a):
     assert spectral_radius(a) == spectral_norm(a) == np.abs(a).max()
