@@ -33,6 +33,7 @@ from scipy.optimize import minimize
 MAX_STEP = 10.0  # longest Newton step, in units of θ (log-coefficients, exponents)
 CONTINUATION = (100.0, 10 ** 1.5, 10.0, 10 ** 0.5, 1.0)  # δ of each stage, in units of the final δ
 KEEP = 256  # starts that go on from their initial H
+NEAR = 0.01  # ends polished and kept as bootstrap starts: H within this fraction of the best
 
 
 class _Problem:
@@ -132,7 +133,7 @@ def _polish(J: np.ndarray, logL: np.ndarray, theta: np.ndarray, delta: float) ->
         f, grad, _ = problem.derivatives(torch.as_tensor(t)[None], ones, delta, hessian=False)
         return float(f[0]), grad[0].numpy()
 
-    res = minimize(fun, theta, jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000})
+    res = minimize(fun, theta, jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 200})
     return res.x, float(res.fun)
 
 
@@ -149,19 +150,21 @@ def _distinct(theta: np.ndarray, f: np.ndarray, count: int, tol: float = 1e-4) -
 
 def fit_starts(J: np.ndarray, logL: np.ndarray, starts: np.ndarray, delta: float, keep: int = KEEP,
                polish: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """The best θ from the `keep` starts of lowest initial H, and the `polish` best
-    distinct ends (polished by L-BFGS-B, best first)."""
+    """The best θ from the `keep` starts of lowest initial H, and up to `polish` distinct
+    ends with H within NEAR of the best (polished by L-BFGS-B, best first)."""
     problem = _Problem(J, logL)
     f0, _, _ = problem.derivatives(torch.as_tensor(starts, dtype=torch.float64),
                                    torch.ones(len(starts), len(logL), dtype=torch.float64), delta, hessian=False)
     starts = starts[np.argsort(np.where(np.isfinite(f0.numpy()), f0.numpy(), np.inf), kind="stable")[:keep]]
     theta, f = minimise(J, logL, starts, delta)
-    finalists = _distinct(theta, f, polish)
-    if not len(finalists):
+    if not np.isfinite(f).any():
         raise ValueError("L: the fit diverged from every start; check the data for outliers or a wrong law")
-    polished = sorted((_polish(J, logL, t, delta) for t in finalists), key=lambda p: p[1])
-    best = polished[0][0] if polished[0][1] <= np.nanmin(f) else theta[np.nanargmin(f)]
-    return best, np.array([t for t, _ in polished])
+    near = f <= np.nanmin(f) * (1 + NEAR)
+    finalists = _distinct(theta[near], f[near], polish)
+    polished = [_polish(J, logL, t, delta) for t in finalists]
+    ends = _distinct(np.array([t for t, _ in polished]), np.array([fp for _, fp in polished]), polish)
+    best = ends[0] if min(fp for _, fp in polished) <= np.nanmin(f) else theta[np.nanargmin(f)]
+    return best, ends
 
 
 def refit(J: np.ndarray, logL: np.ndarray, starts: np.ndarray, delta: float, counts: np.ndarray) -> np.ndarray:

@@ -206,6 +206,19 @@ class Fit:
     held_out_error: float | None  # the same over the held-out points; None without any
     n_points: int  # points fitted
 
+    @classmethod
+    def from_params(cls, law: Law, **params: float) -> "Fit":
+        """The law at given parameters (e.g. published ones), fitted to nothing."""
+        if set(params) != set(law.params):
+            raise ValueError(f"params: the {law.name} law takes exactly {', '.join(law.params)}, "
+                             f"got {', '.join(params) or 'none'}")
+        bad = [name for name in law.log_params if not params[name] > 0]
+        if bad:
+            raise ValueError(f"{bad[0]}: coefficients must be > 0, got {params[bad[0]]}")
+        theta = np.array([np.log(params[p]) if p in law.log_params else float(params[p]) for p in law.params])
+        return cls(law=law, theta=theta, params={p: float(params[p]) for p in law.params}, intervals={},
+                   huber=np.nan, in_sample_error=np.nan, held_out_error=None, n_points=0)
+
     def predict(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """L̂ at the given inputs, in the order of the law's inputs (or by name)."""
         bound = _bind(self.law.inputs, args, kwargs)
@@ -224,8 +237,8 @@ class Fit:
         """The parameters with their intervals, one per line."""
         lines = [f"{self.law.formula}  ({self.n_points} points, huber {self.huber:.6g})"]
         for name, value in self.params.items():
-            lo, hi = self.intervals.get(name, (np.nan, np.nan))
-            lines.append(f"  {name:>6} = {value:<12.6g}" + (f" [{lo:.6g}, {hi:.6g}]" if name in self.intervals else ""))
+            interval = "[{:.6g}, {:.6g}]".format(*self.intervals[name]) if name in self.intervals else ""
+            lines.append(f"  {name:>6} = {value:<12.6g} {interval}".rstrip())
         lines.append(f"  in-sample error {100 * self.in_sample_error:.3f}%")
         if self.held_out_error is not None:
             lines.append(f"  held-out error  {100 * self.held_out_error:.3f}%")
