@@ -13,7 +13,7 @@ Exact derivatives, with w_i = softmax_k(J_ik · θ) and g_i = Σ_k w_ik J_ik = �
 
 since ∇² log L̂_i = Σ_k w_ik J_ik J_ikᵀ − g_i g_iᵀ.
 
-`minimise` runs a damped Newton method on all starts as one batch. With
+`_minimise` runs a damped Newton method on all starts as one batch. With
 ∇²H = V diag(λ) Vᵀ the step is −V diag(1/(|λ| + μ·max|λ|)) Vᵀ ∇H (|λ| keeps it a descent
 step where ∇²H is indefinite), at most MAX_STEP long; μ, per start, shrinks after a step
 that lowers H and grows after one that does not. For small δ, H is nearly Σ|r| and
@@ -111,23 +111,21 @@ def _newton(problem: _Problem, theta: torch.Tensor, weights: torch.Tensor, delta
     return theta, f
 
 
-def minimise(J: np.ndarray, logL: np.ndarray, starts: np.ndarray, delta: float, weights: np.ndarray | None = None,
-             iters_per_stage: int = 30) -> tuple[np.ndarray, np.ndarray]:
+def _minimise(problem: _Problem, starts: np.ndarray, delta: float, weights: np.ndarray | None = None,
+              iters_per_stage: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Every start minimised at once through the CONTINUATION stages → (θ (S, P), H (S,)).
     weights: (S, n) point weights, or None for ones."""
-    problem = _Problem(J, logL)
     theta = torch.as_tensor(starts, dtype=torch.float64)
-    m = (torch.ones(len(theta), len(logL), dtype=torch.float64) if weights is None
+    m = (torch.ones(len(theta), len(problem.logL), dtype=torch.float64) if weights is None
          else torch.as_tensor(weights, dtype=torch.float64))
     for scale in CONTINUATION:
         theta, f = _newton(problem, theta, m, scale * delta, iters_per_stage)
     return theta.numpy(), f.numpy()
 
 
-def _polish(J: np.ndarray, logL: np.ndarray, theta: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
+def _polish(problem: _Problem, theta: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
     """scipy L-BFGS-B from θ with the exact gradient."""
-    problem = _Problem(J, logL)
-    ones = torch.ones(1, len(logL), dtype=torch.float64)
+    ones = torch.ones(1, len(problem.logL), dtype=torch.float64)
 
     def fun(t: np.ndarray) -> tuple[float, np.ndarray]:
         f, grad, _ = problem.derivatives(torch.as_tensor(t)[None], ones, delta, hessian=False)
@@ -156,20 +154,19 @@ def fit_starts(J: np.ndarray, logL: np.ndarray, starts: np.ndarray, delta: float
     f0, _, _ = problem.derivatives(torch.as_tensor(starts, dtype=torch.float64),
                                    torch.ones(len(starts), len(logL), dtype=torch.float64), delta, hessian=False)
     starts = starts[np.argsort(np.where(np.isfinite(f0.numpy()), f0.numpy(), np.inf), kind="stable")[:keep]]
-    theta, f = minimise(J, logL, starts, delta)
+    theta, f = _minimise(problem, starts, delta)
     if not np.isfinite(f).any():
         raise ValueError("L: the fit diverged from every start; check the data for outliers or a wrong law")
     near = f <= np.nanmin(f) * (1 + NEAR)
     finalists = _distinct(theta[near], f[near], polish)
-    polished = [_polish(J, logL, t, delta) for t in finalists]
+    polished = [_polish(problem, t, delta) for t in finalists]  # L-BFGS-B never ends above its start
     ends = _distinct(np.array([t for t, _ in polished]), np.array([fp for _, fp in polished]), polish)
-    best = ends[0] if min(fp for _, fp in polished) <= np.nanmin(f) else theta[np.nanargmin(f)]
-    return best, ends
+    return ends[0], ends
 
 
 def refit(J: np.ndarray, logL: np.ndarray, starts: np.ndarray, delta: float, counts: np.ndarray) -> np.ndarray:
     """θ (B, P) for each row of counts (B, n) (bootstrap multiplicities), best of `starts` each."""
     B, m = len(counts), len(starts)
-    theta, f = minimise(J, logL, np.tile(starts, (B, 1)), delta, weights=np.repeat(counts, m, axis=0))
+    theta, f = _minimise(_Problem(J, logL), np.tile(starts, (B, 1)), delta, weights=np.repeat(counts, m, axis=0))
     f = np.where(np.isfinite(f), f, np.inf).reshape(B, m)
     return theta.reshape(B, m, -1)[np.arange(B), f.argmin(axis=1)]
