@@ -3,10 +3,35 @@
     import stabilitylab as sl
     model = sl.LoopedLM(sl.ModelConfig(injection="parcae"))
     out = model(tokens, depth=4, trace=True)
+
+Names are imported lazily (PEP 562), so `import stabilitylab.store` (the dashboard's
+only door into the lab) does not load torch.
 """
 
-from stabilitylab.config import ConfigError, ModelConfig
-from stabilitylab.model import GPT, Depth, LMOutput, LoopedLM, LoopTrace, sample_depth
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ModelConfig", "GPT", "Depth", "LMOutput", "LoopedLM", "LoopTrace", "sample_depth"]
+
+_EXPORTS = {
+    "ConfigError": "stabilitylab.config",
+    "ModelConfig": "stabilitylab.config",
+    "GPT": "stabilitylab.model",
+    "Depth": "stabilitylab.model",
+    "LMOutput": "stabilitylab.model",
+    "LoopedLM": "stabilitylab.model",
+    "LoopTrace": "stabilitylab.model",
+    "sample_depth": "stabilitylab.model",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stabilitylab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from stabilitylab.config import ConfigError
+from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +43,86 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"{t + 1:>3} {trace['state_norm_mean'][t]:12.4f} {trace['state_norm_max'][t]:12.4f} "
                   f"{trace['delta_norm_mean'][t]:12.4f} {trace['rel_residual'][t]:12.4f} "
                   f"{trace['cosine'][t]:8.4f}")
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare the training corpus")
+    verbs = p.add_subparsers(dest="data_verb", required=True, metavar="SUBVERB")
+    q = verbs.add_parser("prepare", help="tokenize a corpus into the cache (or reuse the cached tokens)")
+    q.add_argument("--source", help="'shakespeare' (default) or a folder of UTF-8 .txt files")
+    q.add_argument("--tokenizer", help="char (default), bytes or bpe")
+    q.add_argument("--vocab-size", type=int, dest="bpe_vocab_size", help="vocabulary of the bpe tokenizer")
+    q.add_argument("--cache-dir", help="where token files are cached (default data/cache)")
+    q.set_defaults(handler=_cmd_data_prepare)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Tokenize the corpus (or find it cached) and summarise it."""
+    import time
+
+    from stabilitylab.data import DataConfig, prepare
+
+    fields = ("source", "tokenizer", "bpe_vocab_size", "cache_dir")
+    cfg = DataConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    t0 = time.perf_counter()
+    corpus = prepare(cfg)
+    meta, seconds = corpus.meta, time.perf_counter() - t0
+    held = meta["split"].get("val_files")
+    split = (f"{len(held)} held out: {', '.join(held)}" if held
+             else f"validation = last {meta['split']['tail_fraction']:.0%} of the characters")
+    print(f"source      {cfg.source}: {len(meta['files'])} files ({split})")
+    print(f"characters  {meta['chars']['train']:,} train, {meta['chars']['val']:,} validation")
+    print(f"tokenizer   {meta['tokenizer']}, vocab {meta['vocab_size']:,}")
+    print(f"tokens      {meta['tokens']['train']:,} train, {meta['tokens']['val']:,} validation ({meta['dtype']})")
+    print(f"cache       {corpus.path} ({'rebuilt' if corpus.rebuilt else 'reused'} in {seconds:.2f} s)")
+    return 0
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list the runs of a lab: status, steps, final loss, max ρ(Ā)")
+    p.add_argument("lab", nargs="?", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_runs)
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    """One line per run; a run that cannot be read says why."""
+    import pandas as pd
+
+    from stabilitylab.store import list_runs
+
+    table = list_runs(args.lab)
+    width = max([3, *map(len, table["run_id"])])
+    print(f"{'run':<{width}}  {'status':<20} {'steps':>7} {'final loss':>11} {'max ρ(Ā)':>9} {'max ‖h_T‖':>10}")
+    for row in table.itertuples(index=False):
+        if not row.readable:
+            print(f"{row.run_id:<{width}}  unreadable: {row.error}")
+            continue
+        status = row.status if row.status in ("running", "finished") else f"{row.status}@{int(row.status_step)}"
+        if row.status == "running" and not row.alive:
+            status = "running (no writer)"
+        steps = "-" if pd.isna(row.last_step) else f"{int(row.last_step)}"
+        reason = f"  {row.status_reason}" if row.status in ("diverged", "failed") else ""
+        print(f"{row.run_id:<{width}}  {status:<20} {steps:>7} {row.final_loss:>11.4f} {row.max_rho:>9.4f} "
+              f"{row.max_state_norm:>10.4g}{reason}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's tables to CSV or Parquet files")
+    p.add_argument("run", help="run directory, or run id inside --lab")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
+    p.add_argument("--out", default=None, help="output directory (default: exports/<run id>)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding RUN (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stabilitylab.store import export_run, open_run
+
+    run = open_run(args.run, args.lab)
+    for path in export_run(run, args.out or f"exports/{run.id}", args.format):
+        print(path)
     return 0
 
 
@@ -108,7 +189,7 @@ def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_fit):
+    for add in (_add_demo, _add_data, _add_runs, _add_export, _add_fit):
         add(sub)
     return parser
 
@@ -117,6 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StoreError) as err:
         print(f"stabilitylab {args.verb}: {err}", file=sys.stderr)
         return 2

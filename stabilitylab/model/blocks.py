@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from stabilitylab.config import ModelConfig
 
 VE_GATE_CHANNELS = 32  # the gate reads the first 32 channels of the normed input
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # dtypes that norms and RoPE lift to float32
 
 
 def scaled_orthogonal_(weight: Tensor, std: float) -> Tensor:
@@ -31,8 +32,8 @@ def scaled_orthogonal_(weight: Tensor, std: float) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / √(mean(x²) + eps); with fp32=True normalised in float32, cast back,
-    then scaled by w (the reference's order of operations)."""
+    """y = w ⊙ x / √(mean(x²) + eps); with fp32=True a half-precision x is normalised in
+    float32, cast back, then scaled by w (the reference's order of operations)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, fp32: bool = True):
         super().__init__()
@@ -40,34 +41,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fp32 and x.dtype != torch.float32:
+        if self.fp32 and x.dtype in LOW_PRECISION:
             return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
 
 def rope_table(head_dim: int, length: int, base: float) -> Tensor:
-    """cos and signed sin for interleaved RoPE, shape (2, length, 1, head_dim).
+    """Interleaved RoPE as complex rotations, shape (length, 1, head_dim / 2), complex64.
 
-    Pair (x_{2i}, x_{2i+1}) at position p rotates by angle p·base^(-2i/head_dim):
-        x'_{2i}   = x_{2i} cos − x_{2i+1} sin
-        x'_{2i+1} = x_{2i+1} cos + x_{2i} sin
-    which is x·cos + swap(x)·sin_signed with swap exchanging each pair and
-    sin_signed = (−sin, +sin) per pair.
+    Pair (x_{2i}, x_{2i+1}) at position p is the complex number x_{2i} + i·x_{2i+1},
+    rotated by the angle θ = p·base^(-2i/head_dim):
+        x'_{2i}   = x_{2i} cos θ − x_{2i+1} sin θ
+        x'_{2i+1} = x_{2i+1} cos θ + x_{2i} sin θ
+    i.e. one complex multiplication by e^{iθ} (one kernel, forward and backward).
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    cos = angles.cos().repeat_interleave(2, dim=-1)
-    sin = angles.sin().repeat_interleave(2, dim=-1)
-    sin[:, 0::2] *= -1
-    return torch.stack([cos, sin])[:, :, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in float32."""
-    cos, sin = table[:, : x.shape[-3]]
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * cos + swapped * sin).type_as(x)
+    """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in at
+    least float32."""
+    xf = x.float() if x.dtype in LOW_PRECISION else x
+    rotated = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table[: x.shape[-3]]
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -123,13 +121,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        if self.act == "relu2":
-            h = F.relu(h).square().mul(0.5)
-        elif self.act == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.silu(h)
-        return self.proj(h)
+        if self.act == "relu2":  # proj(0.5·relu(h)²) = 0.5·proj(relu(h)²): scale the narrow side
+            return self.proj(F.relu(h).square()).mul(0.5)
+        return self.proj(F.gelu(h) if self.act == "gelu" else F.silu(h))
 
 
 class Block(nn.Module):

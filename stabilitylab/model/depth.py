@@ -82,7 +82,9 @@ class Depth:
         return _mean(self.n), _mean(self.k)
 
     def to(self, device: torch.device | str) -> "Depth":
-        move = (lambda x: x.to(device)) if not self.uniform else (lambda x: x)
+        def move(x: int | Tensor) -> int | Tensor:
+            return x.to(device) if isinstance(x, Tensor) else x
+
         return Depth(move(self.n), move(self.k))
 
 

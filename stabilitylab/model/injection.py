@@ -62,6 +62,9 @@ class Injection(nn.Module):
     def forward(self, h: Tensor, e: Tensor) -> Tensor:
         return self.step(h, self.transition(), self.drive(e))
 
+    def reset_buffers(self) -> None:
+        """Recompute constant buffers (after a build on the meta device); most have none."""
+
 
 class Add(Injection):
     """h + e: the plain looped transformer. Ā = I, so ρ = 1 exactly: marginally stable."""
@@ -69,6 +72,9 @@ class Add(Injection):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("ones", torch.ones(cfg.state_dim), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.ones.fill_(1.0)
 
     def transition(self) -> Tensor:
         return self.ones
@@ -124,9 +130,14 @@ class Parcae(Injection):
         """(Δ, a) with Δ = softplus(dt_bias) and a = exp(A_log): Ā = exp(−Δ a)."""
         return F.softplus(self.dt_bias), torch.exp(self.A_log)
 
-    def transition(self) -> Tensor:
+    def log_transition(self) -> Tensor:
+        """log Ā = −Δ·a, strictly negative whenever Δ and a are: the margin below ρ = 1
+        that exp() may round away in low precision."""
         dt, a = self.rates()
-        return torch.exp(-dt * a)
+        return -dt * a
+
+    def transition(self) -> Tensor:
+        return torch.exp(self.log_transition())
 
     def input_scale(self) -> Tensor:
         """Per-channel factor of B̄ = scale ⊙ B: Euler uses Δ."""

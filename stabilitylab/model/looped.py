@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stabilitylab.config import ModelConfig
 from stabilitylab.model.blocks import Block, RMSNorm, rope_table, scaled_orthogonal_
@@ -117,6 +118,27 @@ class LoopedLM(nn.Module):
                                  persistent=False)
         self._init_weights()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, Tensor],
+                        device: torch.device | str = "cpu") -> "LoopedLM":
+        """A model holding `state_dict`, built without the random init it would discard
+        (shapes on the meta device, storage on `device`, then the weights)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.load_state_dict(state_dict, strict=True)
+        model.reset_buffers()
+        return model
+
+    def reset_buffers(self) -> None:
+        """Recompute the constant, non-persistent buffers (RoPE tables, the injection's)."""
+        with torch.no_grad():
+            for name, buffer in self.named_buffers(recurse=False):
+                head_dim = int(name.removeprefix("rope_"))
+                buffer.copy_(rope_table(head_dim, self.cfg.block_size, self.cfg.rope_base))
+            if self.cfg.looped:
+                self.injection.reset_buffers()
+
     def _init_weights(self) -> None:
         """Embedding and C: scaled orthogonal with std √(2/(5·d_model)); value tables
         N(0, 1) and gates as torch's default (as the reference leaves them)."""
@@ -178,12 +200,8 @@ class LoopedLM(nn.Module):
         h = torch.empty(shape, device=e.device, dtype=e.dtype)
         return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std)
 
-    def loop_map(self, e: Tensor, tokens: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-        """The pure loop map F(·; e): h ↦ core(Ā h + B̄ e), usable under torch.func.
-
-        `tokens` is needed only when a core layer has a value embedding. Ā and B̄ e
-        are computed once here, so calling F T times is the model's own loop.
-        """
+    def _loop_fn(self, e: Tensor, tokens: Tensor | None) -> Callable[[Tensor], Tensor]:
+        """F(·; e) with Ā and B̄ e computed once, so calling it T times is the loop."""
         if not self.cfg.looped:
             raise ValueError("a GPT baseline (looped=False) has no loop map")
         A, u = self.injection.transition(), self.injection.drive(e)
@@ -195,6 +213,22 @@ class LoopedLM(nn.Module):
             return self._run(core, step(h, A, u), ves)
 
         return loop_fn
+
+    def loop_map(self, e: Tensor, tokens: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """The pure loop map F(·; e): h ↦ core(Ā h + B̄ e), usable under torch.func.
+
+        `tokens` is needed only when a core layer has a value embedding. It is the
+        forward's own loop function, with attention on PyTorch's math kernel: the fused
+        CPU flash kernel the forward uses has no forward-mode AD (jvp), so results
+        agree with the forward to float rounding, not bit for bit.
+        """
+        loop_fn = self._loop_fn(e, tokens)
+
+        def F(h: Tensor) -> Tensor:
+            with sdpa_kernel(SDPBackend.MATH):
+                return loop_fn(h)
+
+        return F
 
     def decode(self, h: Tensor, tokens: Tensor | None = None) -> Tensor:
         """logits = head(norm(coda(C h))), float32."""
@@ -238,7 +272,7 @@ class LoopedLM(nn.Module):
             depth = Depth.of(depth, cfg.mu_bwd) if not isinstance(depth, Depth) else depth.to(e.device)
             h = self.initial_state(e) if h0 is None else h0
             recorder = _TraceRecorder(e, h) if trace else None
-            h = self.loop(self.loop_map(e, tokens), h, depth, recorder)
+            h = self.loop(self._loop_fn(e, tokens), h, depth, recorder)
             state, loop_trace = h, (recorder.result() if recorder else None)
         else:
             P, C = cfg.n_prelude, cfg.n_core
