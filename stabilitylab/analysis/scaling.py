@@ -267,8 +267,9 @@ def fit_law(law: Law, L: Any, *, holdout: Any = None, bootstrap: int = 100, leve
     """Fit `law` to losses L at the inputs `columns` (N=..., D=..., T=..., mu_rec=...).
 
     holdout: boolean mask of points left out of the fit; their error is `held_out_error`.
-    bootstrap: resamples of the fitted points for the intervals (0: none).
+    bootstrap: resamples of the fitted points for the intervals (0: none); level: their coverage.
     max_starts: the start grid is used whole up to this size, else a seeded random subset.
+    delta: the Huber threshold on log residuals. seed: the start subset and the resamples.
     """
     for name, value, ok, fix in (("bootstrap", bootstrap, bootstrap >= 0, "use 0 for no intervals"),
                                  ("level", level, 0 < level < 1, "e.g. 0.95"),
@@ -377,8 +378,8 @@ def optimal_allocation(fit: Fit, C: Any, params: Any, flops_per_token: Callable[
     log μ in `mu_range`, which also bounds the default case.
     """
     if tuple(fit.law.inputs) != ("N", "D"):
-        raise ValueError(f"fit: needs a training-law fit of N and D, got the {fit.law.name} law; "
-                         f"use fit_training(N, D, L)")
+        raise ValueError(f"fit: needs a training-law fit of N and D (training or chinchilla), got the "
+                         f"{fit.law.name} law; use fit_training(N, D, L)")
     C = _column("C", np.atleast_1d(C))
     if np.any(C <= 0) or len(C) < 2:
         raise ValueError("C: give at least two positive FLOP budgets (the slopes need a range)")
