@@ -5,8 +5,8 @@ loop of scipy L-BFGS-B calls, one per start, measured side by side in one run.
 The plain loop runs every SUBSET_STRIDE-th start of the grid and its total is the
 measured time per start × 4500 (the printout says so). It runs twice: with the
 finite-difference gradient scipy uses when given no jac (as Besiroglu et al.'s code
-does), and with the exact gradient. Torch runs on THREADS threads; numpy and scipy on
-their defaults (the plain loop's arrays have 240 entries: no threading to speak of).
+does), and with the exact gradient. Both sides are numpy and scipy on their default
+threads (arrays of a few hundred entries and 5×5 Hessians: no threading to speak of).
 
     make bench        # or: .venv/bin/python -m pytest benchmarks --benchmark-only
 """
@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 from stabilitylab.analysis.scaling import CHINCHILLA, fit_chinchilla
 
 CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "external" / "chinchilla_svg_extracted_data.csv"
-THREADS = 1
 SUBSET_STRIDE = 90  # the plain loop runs 4500 / 90 = 50 starts spread over the grid
 DELTA = 1e-3
 
@@ -54,7 +52,6 @@ def plain_loop(starts: np.ndarray, data: tuple, gradient: bool) -> tuple[float, 
 def test_batched_chinchilla_fit_against_a_plain_scipy_loop(benchmark, capsys):
     if not CSV.exists():
         pytest.skip(f"{CSV} is absent (the shared external data lives in ../shared beside the repo)")
-    torch.set_num_threads(THREADS)
     table = pd.read_csv(CSV).sort_values("loss").iloc[:-5]
     N, L = table["Model Size"].to_numpy(), table["loss"].to_numpy()
     D = table["Training FLOP"].to_numpy() / (6 * N)
@@ -73,13 +70,13 @@ def test_batched_chinchilla_fit_against_a_plain_scipy_loop(benchmark, capsys):
             ("plain loop, finite-difference gradient", fd_per_start * len(starts), fd_best, fd_theta),
             ("plain loop, exact gradient", exact_per_start * len(starts), exact_best, exact_theta)]
     with capsys.disabled():
-        print(f"\nChinchilla fit, 240 points, 4500 starts, torch threads = {THREADS}; the plain loops ran "
+        print(f"\nChinchilla fit, 240 points, 4500 starts (numpy; its BLAS threads at their default); the plain loops ran "
               f"{len(subset)} starts (every {SUBSET_STRIDE}th) and are extrapolated to 4500 by time per start")
         for name, seconds, huber, theta in rows:
             p = np.exp(theta[:3])
             print(f"  {name:40s} {seconds:9.1f} s  ×{seconds / ours:8.1f}  huber {huber:.12g}  "
                   f"E {p[0]:.4f} A {p[1]:.2f} B {p[2]:.1f} alpha {theta[3]:.5f} beta {theta[4]:.5f}")
-    benchmark.extra_info.update(threads=THREADS, plain_starts_run=len(subset),
+    benchmark.extra_info.update(plain_starts_run=len(subset),
                                 speedup_vs_finite_difference_loop=fd_per_start * len(starts) / ours,
                                 speedup_vs_exact_gradient_loop=exact_per_start * len(starts) / ours,
                                 huber=fit.huber, huber_plain=min(fd_best, exact_best))

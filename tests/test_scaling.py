@@ -1,12 +1,13 @@
 """Scaling-law fits: known answers (Epoch's Chinchilla refit, noise-free data, the
 isoFLOP closed form), recovery within bootstrap intervals, errors on bad input."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,15 +29,6 @@ TRUE = {  # generating parameters, Chinchilla-like sizes and Parcae-like depth c
     "pure-power": (TEST_TIME_FORMS["pure-power"], dict(Z=5.0, z=0.3)),
     "unified": (UNIFIED, dict(E=1.8, X=400.0, Y=2000.0, x=0.34, y=0.37, Z=1.0, z=2.0)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fits are many small tensor ops; on a shared 2-core machine extra threads only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def inputs(name: str, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -89,17 +81,17 @@ def test_noise_free_data_gives_back_the_generating_parameters(name):
 def test_the_huber_gradient_and_hessian_match_finite_differences():
     x, L = sample("unified", seed=1, n=30, noise=0.01)
     problem = huber_fit._Problem(UNIFIED.design(x), np.log(L))
-    theta = torch.tensor([[0.5, 6.0, 7.0, -0.5, 0.3, 0.4, 1.5]], dtype=torch.float64)
-    weights = torch.ones(1, len(L), dtype=torch.float64)
+    theta = np.array([[0.5, 6.0, 7.0, -0.5, 0.3, 0.4, 1.5]])
+    weights = np.ones((1, len(L)))
     f, grad, hess = problem.derivatives(theta, weights, 0.02)
     eps = 1e-6
     for p in range(theta.shape[1]):
-        up, down = theta.clone(), theta.clone()
+        up, down = theta.copy(), theta.copy()
         up[0, p] += eps
         down[0, p] -= eps
         (f_up, g_up, _), (f_down, g_down, _) = (problem.derivatives(t, weights, 0.02) for t in (up, down))
-        assert float((f_up - f_down) / (2 * eps)) == pytest.approx(float(grad[0, p]), rel=1e-5, abs=1e-10)
-        torch.testing.assert_close((g_up - g_down)[0] / (2 * eps), hess[0, p], rtol=1e-4, atol=1e-8)
+        assert float((f_up - f_down)[0] / (2 * eps)) == pytest.approx(float(grad[0, p]), rel=1e-5, abs=1e-10)
+        np.testing.assert_allclose((g_up - g_down)[0] / (2 * eps), hess[0, p], rtol=1e-4, atol=1e-8)
 
 
 # ---- recovery within the bootstrap interval ------------------------------------------------
@@ -264,3 +256,9 @@ def test_fit_verb_names_a_missing_column(tmp_path, capsys):
     pd.DataFrame({"depth": [1, 2, 3, 4], "loss": [3, 2.5, 2.2, 2.1]}).to_csv(tmp_path / "d.csv", index=False)
     assert main(["fit", str(tmp_path / "d.csv"), "--law", "test-time", "--columns", "L=loss"]) == 2
     assert "no column 'T' for T" in capsys.readouterr().err
+
+
+def test_scaling_fits_import_without_torch():
+    """The dashboard fits laws through this module; it must not pull in torch."""
+    code = "import sys, stabilitylab.analysis.scaling; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -27,7 +27,6 @@ polishes the best few distinct ends with scipy's L-BFGS-B.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.optimize import minimize
 
 MAX_STEP = 10.0  # longest Newton step, in units of θ (log-coefficients, exponents)
@@ -37,31 +36,31 @@ NEAR = 0.01  # ends polished and kept as bootstrap starts: H within this fractio
 
 
 class _Problem:
-    """J, log L and the products of J's rows that ∇²H needs, as float64 tensors with
+    """J, log L and the products of J's rows that ∇²H needs, as float64 arrays with
     the points of each term adjacent, so that every sum over points is one matrix product:
     J (K·n, P), J_ik J_ikᵀ (K·n, P²), J_ik J_ilᵀ (K·K·n, P²)."""
 
     def __init__(self, J: np.ndarray, logL: np.ndarray):
         n, self.K, self.P = J.shape
-        Jk = torch.as_tensor(J, dtype=torch.float64).permute(1, 0, 2)  # (K, n, P)
+        Jk = np.asarray(J, dtype=np.float64).transpose(1, 0, 2)  # (K, n, P)
         self.J = Jk.reshape(self.K * n, self.P)
-        self.JJ = torch.einsum("kip,kiq->kipq", Jk, Jk).reshape(self.K * n, self.P ** 2)
-        self.JJ_pairs = torch.einsum("kip,liq->klipq", Jk, Jk).reshape(self.K * self.K * n, self.P ** 2)
-        self.logL = torch.as_tensor(logL, dtype=torch.float64)
+        self.JJ = np.einsum("kip,kiq->kipq", Jk, Jk).reshape(self.K * n, self.P ** 2)
+        self.JJ_pairs = np.einsum("kip,liq->klipq", Jk, Jk).reshape(self.K * self.K * n, self.P ** 2)
+        self.logL = np.asarray(logL, dtype=np.float64)
 
-    def derivatives(self, theta: torch.Tensor, weights: torch.Tensor, delta: float, hessian: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def derivatives(self, theta: np.ndarray, weights: np.ndarray, delta: float, hessian: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """H, ∇H (and ∇²H) for a batch of θ (S, P) with weights (S, n)."""
         S, K, P = theta.shape[0], self.K, self.P
         u = (theta @ self.J.T).reshape(S, K, -1)
-        top = u.amax(1, keepdim=True)
-        e = torch.exp(u - top)
-        total = e.sum(1, keepdim=True)
-        r = (top + torch.log(total)).squeeze(1) - self.logL
+        top = u.max(axis=1, keepdims=True)
+        e = np.exp(u - top)
+        total = e.sum(axis=1, keepdims=True)
+        r = (top + np.log(total)).squeeze(1) - self.logL
         w = e / total  # softmax over the terms, (S, K, n)
-        inside = r.abs() <= delta
-        f = (weights * torch.where(inside, 0.5 * r * r, delta * (r.abs() - 0.5 * delta))).sum(-1)
-        d1w = (weights * r.clamp(-delta, delta))[:, None] * w
+        inside = np.abs(r) <= delta
+        f = (weights * np.where(inside, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))).sum(-1)
+        d1w = (weights * np.clip(r, -delta, delta))[:, None] * w
         grad = d1w.reshape(S, -1) @ self.J
         if not hessian:
             return f, grad, None
@@ -74,38 +73,38 @@ class _Problem:
 def huber_objective(J: np.ndarray, logL: np.ndarray, theta: np.ndarray, delta: float) -> float:
     """H(θ) with unit weights."""
     problem = _Problem(J, logL)
-    f, _, _ = problem.derivatives(torch.as_tensor(theta, dtype=torch.float64)[None],
-                                  torch.ones(1, len(logL), dtype=torch.float64), delta, hessian=False)
+    f, _, _ = problem.derivatives(np.asarray(theta, dtype=np.float64)[None], np.ones((1, len(logL))), delta,
+                                  hessian=False)
     return float(f[0])
 
 
-def _newton(problem: _Problem, theta: torch.Tensor, weights: torch.Tensor, delta: float, max_iter: int,
-            ftol: float = 1e-12, xtol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+def _newton(problem: _Problem, theta: np.ndarray, weights: np.ndarray, delta: float, max_iter: int,
+            ftol: float = 1e-12, xtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
     """Damped Newton steps on every θ at once → (θ, H). A start stops when a step gains
     less than ftol·H, moves less than xtol·(1 + ‖θ‖), or its damping passes 1e10
     (no step lowers H: a minimum up to rounding)."""
-    theta = theta.clone()
+    theta = theta.copy()
     f, g, H = problem.derivatives(theta, weights, delta)
-    damping = torch.full(f.shape, 1e-3, dtype=torch.float64)
-    active = torch.arange(len(theta))
+    damping = np.full(f.shape, 1e-3)
+    active = np.arange(len(theta))
     for _ in range(max_iter):
         if not len(active):
             break
-        lam, V = torch.linalg.eigh(H[active])
-        scale = lam.abs().amax(-1, keepdim=True).clamp_min(1e-300)
-        coeff = (V.mT @ g[active, :, None]).squeeze(-1) / (lam.abs() + damping[active, None] * scale)
+        lam, V = np.linalg.eigh(H[active])
+        scale = np.maximum(np.abs(lam).max(axis=-1, keepdims=True), 1e-300)
+        coeff = (V.swapaxes(-1, -2) @ g[active, :, None]).squeeze(-1) / (np.abs(lam) + damping[active, None] * scale)
         step = -(V @ coeff[..., None]).squeeze(-1)
-        length = step.norm(dim=-1)
-        step = step * (MAX_STEP / length).clamp(max=1.0)[:, None]
+        length = np.linalg.norm(step, axis=-1)
+        step = step * np.minimum(MAX_STEP / length, 1.0)[:, None]
         trial = theta[active] + step
         f_t, g_t, H_t = problem.derivatives(trial, weights[active], delta)
         better = f_t < f[active]
         gain = f[active] - f_t
         moved = active[better]
         theta[moved], f[moved], g[moved], H[moved] = trial[better], f_t[better], g_t[better], H_t[better]
-        damping[active] = torch.where(better, damping[active] / 3, damping[active] * 4)
-        done = ((better & (gain <= ftol * f_t.abs()))
-                | (length <= xtol * (1 + theta[active].norm(dim=-1)))
+        damping[active] = np.where(better, damping[active] / 3, damping[active] * 4)
+        done = ((better & (gain <= ftol * np.abs(f_t)))
+                | (length <= xtol * (1 + np.linalg.norm(theta[active], axis=-1)))
                 | (damping[active] > 1e10))
         active = active[~done]
     return theta, f
@@ -115,21 +114,20 @@ def _minimise(problem: _Problem, starts: np.ndarray, delta: float, weights: np.n
               iters_per_stage: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Every start minimised at once through the CONTINUATION stages → (θ (S, P), H (S,)).
     weights: (S, n) point weights, or None for ones."""
-    theta = torch.as_tensor(starts, dtype=torch.float64)
-    m = (torch.ones(len(theta), len(problem.logL), dtype=torch.float64) if weights is None
-         else torch.as_tensor(weights, dtype=torch.float64))
+    theta = np.asarray(starts, dtype=np.float64)
+    m = np.ones((len(theta), len(problem.logL))) if weights is None else np.asarray(weights, dtype=np.float64)
     for scale in CONTINUATION:
         theta, f = _newton(problem, theta, m, scale * delta, iters_per_stage)
-    return theta.numpy(), f.numpy()
+    return theta, f
 
 
 def _polish(problem: _Problem, theta: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
     """scipy L-BFGS-B from θ with the exact gradient."""
-    ones = torch.ones(1, len(problem.logL), dtype=torch.float64)
+    ones = np.ones((1, len(problem.logL)))
 
     def fun(t: np.ndarray) -> tuple[float, np.ndarray]:
-        f, grad, _ = problem.derivatives(torch.as_tensor(t)[None], ones, delta, hessian=False)
-        return float(f[0]), grad[0].numpy()
+        f, grad, _ = problem.derivatives(np.asarray(t, dtype=np.float64)[None], ones, delta, hessian=False)
+        return float(f[0]), grad[0]
 
     res = minimize(fun, theta, jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 200})
     return res.x, float(res.fun)
@@ -151,9 +149,9 @@ def fit_starts(J: np.ndarray, logL: np.ndarray, starts: np.ndarray, delta: float
     """The best θ from the `keep` starts of lowest initial H, and up to `polish` distinct
     ends with H within NEAR of the best (polished by L-BFGS-B, best first)."""
     problem = _Problem(J, logL)
-    f0, _, _ = problem.derivatives(torch.as_tensor(starts, dtype=torch.float64),
-                                   torch.ones(len(starts), len(logL), dtype=torch.float64), delta, hessian=False)
-    starts = starts[np.argsort(np.where(np.isfinite(f0.numpy()), f0.numpy(), np.inf), kind="stable")[:keep]]
+    f0, _, _ = problem.derivatives(np.asarray(starts, dtype=np.float64), np.ones((len(starts), len(logL))), delta,
+                                   hessian=False)
+    starts = starts[np.argsort(np.where(np.isfinite(f0), f0, np.inf), kind="stable")[:keep]]
     theta, f = _minimise(problem, starts, delta)
     if not np.isfinite(f).any():
         raise ValueError("L: the fit diverged from every start; check the data for outliers or a wrong law")
