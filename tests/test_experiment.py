@@ -66,7 +66,7 @@ def test_a_missing_file_is_named():
     ("[train]\nschedule = 'cosin'\n", r"train\.schedule: .*did you mean 'cosine'"),
     ("[train]\neval_depths = [1, 'twomu']\n", r"train\.eval_depths: 'twomu' is not a depth"),
     ("[divergence]\naction = 'ignore'\n", r"divergence\.action: .*Allowed: stop, record"),
-    ("[probes]\nanalysis_every = 10\n", r"probes\.analysis_every: needs stabilitylab\.analysis"),
+    ("[probes]\ntrace_depth = 'deep'\n", r"probes\.trace_depth: 'deep' is not a depth"),
     ("[model]\ninjection = 'concat2'\n", r"model\.injection: .*Allowed: add, concat, parcae"),
     ("[model]\npreset = 'huge'\n", r"model\.preset: 'huge' is not allowed"),
     ("[data]\nseq_len = 512\n", r"data\.seq_len: 512 exceeds model\.block_size = 256"),

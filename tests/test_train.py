@@ -15,6 +15,7 @@ from stabilitylab.store import RunWriter, open_run
 from stabilitylab.train.config import DivergenceConfig, TrainConfig
 from stabilitylab.train.divergence import DivergenceMonitor, SpikeDetector
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles
+from stabilitylab.train.probes import analysis_probe, injection_spectrum
 from stabilitylab.train.trainer import train
 
 TINY = Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml"
@@ -67,10 +68,15 @@ def test_a_resumed_run_records_exactly_what_an_uninterrupted_one_does(tmp_path, 
 
 
 def test_probes_on_or_off_leave_the_training_curve_bit_for_bit_the_same(tmp_path, corpus_cache):
-    train(tiny(corpus_cache, "probes.trace_every=1", "probes.spectrum_every=1"), tmp_path, "on", progress=False)
+    train(tiny(corpus_cache, "probes.trace_every=1", "probes.spectrum_every=1", "probes.analysis_every=2"),
+          tmp_path, "on", progress=False)
     train(tiny(corpus_cache, "probes.trace_every=0", "probes.spectrum_every=0"), tmp_path, "off", progress=False)
     on, off = open_run("on", tmp_path), open_run("off", tmp_path)
     assert len(on.spectra()) == 6 and len(off.spectra()) == 0 and not off.traces()
+    analysis = on.analysis()
+    assert analysis.groupby("name")["step"].apply(list).to_dict() == {
+        "jacobian_radius": [2, 4, 6], "jacobian_moduli": [2, 4, 6], "lyapunov": [2, 4, 6]}
+    assert all(len(v) == 8 for v in analysis[analysis["name"] == "lyapunov"]["values"])
     names = ["loss", "grad_norm", "grad_norm/core", "h_T_norm", "h_T_norm_mean"]
     assert on.scalars(names).equals(off.scalars(names))
     assert on.evals().equals(off.evals())
@@ -226,3 +232,42 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_records(tmp_path
     assert killed["status"] == "running" and not killed["alive"] and killed["last_step"] < 40
     assert train(tiny(corpus_cache, *sets[1:]), tmp_path, "killed", resume=True, progress=False) == "finished"
     assert records(tmp_path, "killed") == records(tmp_path, "whole")
+
+
+def test_the_spectrum_probe_gives_rho_and_the_norm_of_a_non_normal_transition():
+    model = sl.LoopedLM(sl.ModelConfig.preset("tiny", injection="concat"))
+    with torch.no_grad():
+        W1 = 0.5 * torch.eye(32)
+        W1[0, 1] = 100.0  # non-normal: ρ = 0.5 but ‖Ā‖₂ ≈ 100
+        model.injection.W[:, :32] = W1
+    s = injection_spectrum(model)
+    assert s.rho == pytest.approx(0.5) and s.norm_a == pytest.approx(100.0025, rel=1e-4)
+    assert len(s.eigenvalues) == 32 and s.eigenvalues.dtype == torch.complex128
+    assert s.norm_c == pytest.approx(float(torch.linalg.matrix_norm(model.readout.weight.detach().double(), 2)))
+
+
+def test_the_analysis_probe_at_init_sees_the_linear_loop(tmp_path):
+    """At init every core block is the identity, so F(h) = Ā h + B̄e: the loop Jacobian is
+    Ā (ρ = 0.4472 for parcae) and every Lyapunov exponent is log 0.4472."""
+    model = sl.LoopedLM(sl.ModelConfig.preset("tiny", injection="parcae"))
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    h0 = model.draw_state((2, 8), "cpu", torch.float32, torch.Generator().manual_seed(1))
+    with RunWriter.create(tmp_path, "r", {}, experiment="t") as writer:
+        analysis_probe(model, tokens, h0, 4, 1, writer)
+    values = open_run("r", tmp_path).analysis().set_index("name")["values"]
+    assert values["jacobian_radius"][0] == pytest.approx(math.sqrt(1 / 5), rel=1e-4)
+    assert np.allclose(values["lyapunov"], math.log(math.sqrt(1 / 5)), atol=1e-4)
+
+
+def test_an_overflowed_loop_gets_a_probe_error_event_not_a_crash(tmp_path):
+    model = sl.LoopedLM(sl.ModelConfig.preset("tiny", injection="free-diagonal"))
+    with torch.no_grad():
+        model.injection.a.fill_(1e30)  # h overflows to inf within a few iterations
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    h0 = model.draw_state((2, 8), "cpu", torch.float32, torch.Generator().manual_seed(1))
+    with RunWriter.create(tmp_path, "r", {}, experiment="t") as writer:
+        analysis_probe(model, tokens, h0, 4, 7, writer)
+    run = open_run("r", tmp_path)
+    assert run.analysis().empty
+    events = run.events()
+    assert events["kind"].tolist() == ["probe_error"] and "non-finite" in events["detail"][0]

@@ -9,7 +9,11 @@ torch.no_grad and touching no RNG that training uses (`Probes.run`):
     trace            LoopTrace over iterations t = 1..T at trace_depth (model(..., trace=True))
     spectrum         every eigenvalue of Ā, ρ(Ā) = max|λ|, ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂ and the prelude
                      output norm ‖e‖ (mean per token: the late-explosion signal)
-Every M steps (off by default): analysis_probe, the hook for stabilitylab.analysis.
+Every M steps (off by default), on the same batch, state and depth (`analysis_probe`):
+    the loop as a dynamical system (stabilitylab.analysis), at the last position (the
+    per-token view: the block ∂F[p]/∂h[p] of the B sequences, n = B · d_state):
+    jacobian_radius  ρ(∂F/∂h) at h_T, and the moduli of its ANALYSIS_K leading eigenvalues
+    lyapunov         the ANALYSIS_K leading Lyapunov exponents along h_0 → h_T
 
 So probes on or off leave the loss curve bit for bit the same (a test checks it).
 """
@@ -17,18 +21,22 @@ So probes on or off leave the loss curve bit for bit the same (a test checks it)
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from stabilitylab.analysis import eigenvalues, loop_jacobian, loop_lyapunov, spectral_norm
 from stabilitylab.data import Corpus
 from stabilitylab.model import LoopedLM
 from stabilitylab.store import RunWriter
 from stabilitylab.train.config import ProbeConfig, resolve_depth
 
 PROBE_SALT = 0x9B0BE  # the probe batch's h_0 generator: apart from every training stream
+ANALYSIS_K = 8  # Jacobian eigenvalues and Lyapunov exponents per analysis probe
 
 
 def grad_norms(roles: dict[str, list[torch.nn.Parameter]], device: torch.device) -> dict[str, Tensor]:
@@ -59,25 +67,32 @@ class Spectrum:
 
 @torch.no_grad()
 def injection_spectrum(model: LoopedLM) -> Spectrum:
-    """Eigenvalues and norms of Ā, B̄ and C, in float64. A diagonal Ā (a vector) is its
-    own eigenvalues and ‖Ā‖₂ = max|aᵢ|; a dense one goes through torch.linalg.eigvals."""
-    A = model.injection.transition().detach().double().cpu()
-    if A.ndim == 1:
-        eigenvalues, norm_a = A.to(torch.complex128), float(A.abs().max())
-    else:
-        eigenvalues, norm_a = torch.linalg.eigvals(A), float(torch.linalg.matrix_norm(A, 2))
+    """Eigenvalues and norms of Ā, B̄ and C in float64 (stabilitylab.analysis.spectra for Ā:
+    a diagonal Ā is its own eigenvalues). A non-finite Ā has no spectrum: NaN throughout."""
+    A = model.injection.transition().detach().cpu()
     B = model.injection.input_matrix().detach().double().cpu()
     C = model.readout.weight.detach().double().cpu()
-    return Spectrum(eigenvalues, float(eigenvalues.abs().max()), norm_a,
-                    float(torch.linalg.matrix_norm(B, 2)), float(torch.linalg.matrix_norm(C, 2)))
+    norm_b, norm_c = (float(torch.linalg.matrix_norm(M, 2)) for M in (B, C))
+    if not torch.isfinite(A).all():
+        return Spectrum(torch.empty(0, dtype=torch.complex128), math.nan, math.nan, norm_b, norm_c)
+    lam = eigenvalues(A)  # sorted by modulus, descending
+    return Spectrum(lam, float(lam[0].abs()), spectral_norm(A), norm_b, norm_c)
 
 
-def analysis_probe(model: LoopedLM, tokens: Tensor, h0: Tensor, step: int, writer: RunWriter) -> None:
-    """The hook for stabilitylab.analysis: the Jacobian spectral radius of the loop map and
-    the leading Lyapunov exponents on the probe batch, every analysis_every steps, written
-    with writer.log_analysis. Until stabilitylab.analysis is merged, ProbeConfig refuses
-    analysis_every > 0, so this is never reached."""
-    raise NotImplementedError("stabilitylab.analysis is not merged yet")
+def analysis_probe(model: LoopedLM, tokens: Tensor, h0: Tensor, depth: int, step: int, writer: RunWriter) -> None:
+    """The Jacobian spectrum and Lyapunov exponents of the loop at the last position, logged
+    with writer.log_analysis. A loop whose state has overflowed has neither: the reason is
+    logged as a `probe_error` event instead (stabilitylab.analysis refuses non-finite states)."""
+    k = min(ANALYSIS_K, h0.shape[0] * h0.shape[-1])
+    try:
+        jacobian = loop_jacobian(model, tokens, depth, position=-1, h0=h0, k=k)
+        lyapunov = loop_lyapunov(model, tokens, depth, k=k, position=-1, h0=h0)
+    except (ValueError, RuntimeError) as err:
+        writer.log_event(step, "probe_error", f"analysis: {err}")
+        return
+    writer.log_analysis("jacobian_radius", step, jacobian.radius)
+    writer.log_analysis("jacobian_moduli", step, np.abs(jacobian.eigenvalues))
+    writer.log_analysis("lyapunov", step, lyapunov.exponents)
 
 
 class Probes:
@@ -99,7 +114,8 @@ class Probes:
 
     @torch.no_grad()
     def run(self, step: int, model: LoopedLM, writer: RunWriter, force: bool = False) -> float | None:
-        """Run the probes due at `step` (all of them with force=True) and log them; the
+        """Run the probes due at `step` and log them; force=True (a divergence) runs the
+        trace and the spectrum whatever their cadence, and the analysis if it is on. The
         model's train/eval mode is restored. Returns ρ(Ā) when the spectrum ran."""
         if not self.looped:
             return None
@@ -121,8 +137,8 @@ class Probes:
                 writer.log_spectrum(step, s.eigenvalues.numpy(), rho=s.rho, norm_a=s.norm_a, norm_b=s.norm_b,
                                     norm_c=s.norm_c, norm_e=e_norm)
                 rho = s.rho
-            if cfg.analysis_every and step % cfg.analysis_every == 0:
-                analysis_probe(model, self.tokens, self.h0, step, writer)
+            if cfg.analysis_every and (force or step % cfg.analysis_every == 0):
+                analysis_probe(model, self.tokens, self.h0, self.depth, step, writer)
         finally:
             model.train(was_training)
         return rho
