@@ -8,8 +8,9 @@ One step s = 1..S:
     depths = sample_depth(model, s, seed) for the global batch, this rank's rows
     h_0    = truncated normal for the global batch from a generator seeded by (seed, s)
     loss   = mean over grad_accum micro-batches; backward; DDP all-reduces the gradients
+    clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
     check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
-    step   = clip ‖∇‖ to grad_clip, AdamW (and Muon) step — unless the run diverged here
+    step   = AdamW (and Muon) — unless the run diverged here
     record = per-step scalars; probes, evaluation and checkpoint on their cadences
 
 Nothing in training reads torch's global RNG after the model is initialised: batches,
