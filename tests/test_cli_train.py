@@ -138,15 +138,28 @@ def test_a_lab_that_cannot_be_written_is_named_and_nothing_is_created(tmp_path, 
     assert blocker.read_text() == "not a directory"
 
 
-def test_a_read_only_lab_is_named_and_its_runs_stay_as_they_were(lab, tmp_path, corpus_cache):
+READ_ONLY = """
+import sys
+from stabilitylab.cli import main
+common = ["--set", f"data.cache_dir={sys.argv[2]}", "--lab", sys.argv[3], "--no-progress"]
+codes = [main(["train", sys.argv[1], *common, "--run-id", "new"]),
+         main(["train", sys.argv[1], *common, "--run-id", "unfinished", "--resume"])]
+sys.exit(0 if codes == [2, 2] else 1)
+"""
+
+
+def test_a_read_only_lab_or_run_is_named_and_its_runs_stay_as_they_were(lab, tmp_path, corpus_cache):
     """chmod binds root only without CAP_DAC_OVERRIDE, hence the subprocess under setpriv."""
     ro = tmp_path / "ro"
-    shutil.copytree(lab, ro)
+    shutil.copytree(lab / "tiny", ro / "tiny")
+    shutil.copytree(lab / "tiny", ro / "unfinished")
+    from stabilitylab.store import RunWriter
+    with pytest.raises(RuntimeError), RunWriter.resume(ro / "unfinished", 3):
+        raise RuntimeError("killed")  # a run --resume would continue, were it writable
     before = fingerprint(ro)
     for path in [ro, *ro.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
-    command = [sys.executable, "-m", "stabilitylab", "train", str(TINY), "--set", f"data.cache_dir={corpus_cache}",
-               "--lab", str(ro), "--run-id", "new", "--no-progress"]
+    command = [sys.executable, "-c", READ_ONLY, str(TINY), str(corpus_cache), str(ro)]
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv (util-linux): chmod cannot bind this test")
@@ -156,5 +169,7 @@ def test_a_read_only_lab_is_named_and_its_runs_stay_as_they_were(lab, tmp_path, 
     finally:
         for path in [ro, *ro.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-    assert result.returncode == 2 and "cannot create run 'new' here" in result.stderr
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "cannot create run 'new' here" in lines[0] and "unfinished: cannot write to this run" in lines[1]
     assert fingerprint(ro) == before
