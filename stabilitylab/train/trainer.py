@@ -54,7 +54,9 @@ def train(exp: ExperimentConfig, lab: str | Path = "runs", run_id: str | None = 
     locates config errors."""
     process = distributed.start(exp.train.device)
     try:
-        return _train(exp, Path(lab), run_id or exp.name, resume, sweep_cell, source, progress, process)
+        status = _train(exp, Path(lab), run_id or exp.name, resume, sweep_cell, source, progress, process)
+        distributed.barrier()  # no rank tears the process group down while another still uses it
+        return status
     finally:
         distributed.stop()
 
