@@ -126,10 +126,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="open the dashboard on a lab (Streamlit, in the browser)")
+    p.add_argument("lab", nargs="?", help="lab directory (default: the reference lab, data/reference-lab)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.set_defaults(handler=_cmd_dashboard)
+
+
+def dashboard_command(lab: str | None, port: int) -> list[str]:
+    """`python -m streamlit run apps/dashboard.py ... -- --lab LAB`: the dashboard lives
+    beside the package in the repository (apps/ is not installed)."""
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "apps" / "dashboard.py"
+    if not app.is_file():
+        raise FileNotFoundError(f"{app}: the dashboard ships with the repository; run it from a clone")
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+            "--browser.gatherUsageStats", "false", "--", *(["--lab", lab] if lab else [])]
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import subprocess
+
+    return subprocess.call(dashboard_command(args.lab, args.port))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_data, _add_runs, _add_export):
+    for add in (_add_demo, _add_data, _add_runs, _add_export, _add_dashboard):
         add(sub)
     return parser
 
