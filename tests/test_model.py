@@ -252,3 +252,10 @@ def test_rope_scores_depend_only_on_relative_position():
 
     assert score(10, 7) == pytest.approx(score(25, 22), rel=1e-5)
     assert score(10, 7) != pytest.approx(score(10, 8), rel=1e-3)
+
+
+@pytest.mark.parametrize("injection", ["add", "parcae", "stable-dense"])
+def test_a_model_built_from_a_state_dict_equals_the_original(batch, injection):
+    model = perturbed(sl.LoopedLM(tiny(injection=injection, init_state="zero"))).eval()
+    rebuilt = sl.LoopedLM.from_state_dict(model.cfg, model.state_dict()).eval()
+    assert torch.equal(model(batch, depth=3).logits, rebuilt(batch, depth=3).logits)

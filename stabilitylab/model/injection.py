@@ -62,6 +62,9 @@ class Injection(nn.Module):
     def forward(self, h: Tensor, e: Tensor) -> Tensor:
         return self.step(h, self.transition(), self.drive(e))
 
+    def reset_buffers(self) -> None:
+        """Recompute constant buffers (after a build on the meta device); most have none."""
+
 
 class Add(Injection):
     """h + e: the plain looped transformer. Ā = I, so ρ = 1 exactly: marginally stable."""
@@ -69,6 +72,9 @@ class Add(Injection):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("ones", torch.ones(cfg.state_dim), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.ones.fill_(1.0)
 
     def transition(self) -> Tensor:
         return self.ones

@@ -118,6 +118,27 @@ class LoopedLM(nn.Module):
                                  persistent=False)
         self._init_weights()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, Tensor],
+                        device: torch.device | str = "cpu") -> "LoopedLM":
+        """A model holding `state_dict`, built without the random init it would discard
+        (shapes on the meta device, storage on `device`, then the weights)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.load_state_dict(state_dict, strict=True)
+        model.reset_buffers()
+        return model
+
+    def reset_buffers(self) -> None:
+        """Recompute the constant, non-persistent buffers (RoPE tables, the injection's)."""
+        with torch.no_grad():
+            for name, buffer in self.named_buffers(recurse=False):
+                head_dim = int(name.removeprefix("rope_"))
+                buffer.copy_(rope_table(head_dim, self.cfg.block_size, self.cfg.rope_base))
+            if self.cfg.looped:
+                self.injection.reset_buffers()
+
     def _init_weights(self) -> None:
         """Embedding and C: scaled orthogonal with std √(2/(5·d_model)); value tables
         N(0, 1) and gates as torch's default (as the reference leaves them)."""
