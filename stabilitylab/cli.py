@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from stabilitylab.config import ConfigError
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
@@ -145,10 +146,12 @@ def dashboard_command(lab: str | None, port: int) -> list[str]:
             "--browser.gatherUsageStats", "false", "--", *(["--lab", lab] if lab else [])]
 
 
-def _cmd_dashboard(args: argparse.Namespace) -> int:
-    import subprocess
+def _cmd_dashboard(args: argparse.Namespace) -> NoReturn:
+    """Become the Streamlit server (exec), so a signal to this process reaches it."""
+    import os
 
-    return subprocess.call(dashboard_command(args.lab, args.port))
+    command = dashboard_command(args.lab, args.port)
+    os.execv(command[0], command)
 
 
 def build_parser() -> argparse.ArgumentParser:
