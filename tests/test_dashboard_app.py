@@ -169,7 +169,8 @@ def test_spectra_slider_moves_the_eigenvalues_and_shows_the_nonlinear_loop(lab):
 def test_architecture_reads_the_config_and_the_latest_spectrum(lab):
     at = app(lab, "architecture.py", selected=[CONCAT])
     (fig,) = charts(at)
-    assert "concat · T = μ_rec = 4" in fig["layout"]["title"]["text"] and "ρ(Ā) = 1.062" in fig["layout"]["title"]["text"]
+    title = fig["layout"]["title"]["text"]
+    assert "concat · T = μ_rec = 4" in title and "ρ(Ā) = 1.062" in title
     assert "Ā h + B̄ e (t=4)" in fig["data"][0]["text"] and "crimson" in fig["data"][0]["marker"]["color"]
 
 
@@ -252,7 +253,8 @@ at.run()
 for page in ("compare.py", "loop.py", "spectra.py", "scaling.py", "architecture.py"):
     at.switch_page("app_pages/" + page).run()
     assert not at.exception, (page, [e.value for e in at.exception])
-print(json.dumps({{"torch": "torch" in sys.modules, "ours": sorted(m for m in sys.modules if m.startswith("stabilitylab"))}}))
+ours = sorted(m for m in sys.modules if m.startswith("stabilitylab"))
+print(json.dumps({{"torch": "torch" in sys.modules, "ours": ours}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -46,7 +46,6 @@ else:
 
     steps = trace.steps.tolist()
     step = st.select_slider("training step", steps, value=steps[-1], key="loop_step")
-    row = steps.index(step)
     lines = [(f"step {s}", f"step {s}", iterations, trace.values[steps.index(s)])
              for s in dict.fromkeys([steps[0], step, steps[-1]])]
     widgets.chart(charts.lines_figure(f"{stat} per loop iteration", lines, x_title="loop iteration t",

@@ -114,7 +114,8 @@ if len(groups) <= MAX_CURVES:
         grid = np.linspace(part[x_name].min(), part[x_name].max() * (1.5 if x_name == "T" else 1), 100)
         inputs = {x_name: grid, **{n: np.full(len(grid), v) for n, v in zip(others, np.atleast_1d(key))}}
         label = ", ".join(f"{n} = {v:.3g}" for n, v in zip(others, np.atleast_1d(key))) or "fit"
-        fig.add_scatter(x=grid, y=result.predict(**inputs), mode="lines", name=label, line={"color": charts.color(label)})
+        fig.add_scatter(x=grid, y=result.predict(**inputs), mode="lines", name=label,
+                        line={"color": charts.color(label)})
 widgets.chart(fig, data, f"scaling_{law}")
 parity = charts.lines_figure("predicted vs observed", [("parity", "points", data["L"].to_numpy(),
                                                         data["predicted"].to_numpy())],

@@ -197,8 +197,8 @@ def eigen_figure(eigenvalues: np.ndarray, step: int, frames: list[tuple[int, np.
               "yaxis": {"title": {"text": "Im λ"}, "range": [-reach, reach], "scaleanchor": "x", "scaleratio": 1}}
     fig = figure([circle, points(eigenvalues)], layout)
     if frames:
-        fig.frames = [go.Frame(data=[circle, points(e)], name=str(s), layout={"title": {"text": f"eigenvalues of Ā at step {s}"}})
-                      for s, e in frames]
+        fig.frames = [go.Frame(data=[circle, points(e)], name=str(s),
+                               layout={"title": {"text": f"eigenvalues of Ā at step {s}"}}) for s, e in frames]
         fig.update_layout(
             updatemenus=[{"type": "buttons", "showactive": False, "x": 0, "y": -0.12, "xanchor": "left",
                           "buttons": [{"label": "▶ play", "method": "animate",

@@ -34,7 +34,8 @@ def build(config: dict, spectrum: dict | None) -> nx.DiGraph:
                        if spectrum and key in spectrum and np.isfinite(spectrum[key]))
     g = nx.DiGraph()
     chain = [("tokens", "tokens", f"vocabulary {get('vocab_size', '?')}", "io"),
-             ("prelude", f"prelude ×{get('n_prelude', '?')}", f"{get('n_prelude', '?')} blocks, d = {d_model}", "block"),
+             ("prelude", f"prelude ×{get('n_prelude', '?')}", f"{get('n_prelude', '?')} blocks, d = {d_model}",
+              "block"),
              ("e", "RMSNorm → e" if get("prelude_norm", True) else "e", "the input, fixed during the loop", "io")]
     for t in iterations(depth):
         if t is None:
