@@ -58,7 +58,8 @@ with st.expander("Filters", expanded=True):
         view = view[view["run"].str.contains(text, regex=False)]
 
 shown = view["run"].tolist()
-st.dataframe(view, hide_index=True, key="runs_table", placeholder="NaN", on_select=lambda: select_rows(shown),
+unstable = view.style.map(lambda v: "color: crimson; font-weight: bold" if v >= 1 else "", subset=["max ρ(Ā)"])
+st.dataframe(unstable, hide_index=True, key="runs_table", placeholder="NaN", on_select=lambda: select_rows(shown),
              selection_mode="multi-row",
              selection_default={"selection": {"rows": [i for i, r in enumerate(shown) if r in session.selected()]}},
              column_config={"LR": st.column_config.NumberColumn(format="%.2e"),
