@@ -2,23 +2,28 @@
 
 That module is being merged to main; until it is there, `available()` is False and the
 pages say so instead of fitting (Loop dynamics still draws the depth curve's data).
+`available()` looks for the file rather than importing: importing stabilitylab.analysis
+runs its __init__, which loads torch (spectra, Lyapunov).
 """
 
 from __future__ import annotations
 
-import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
+
+import stabilitylab
+
+SCALING = Path(stabilitylab.__file__).parent / "analysis" / "scaling.py"
 
 TEST_TIME = "test-time (exp)"  # PARCAE.md C5: the best test-time form, the default everywhere
 MISSING = "Fitted laws need stabilitylab.analysis.scaling, which is not on this branch yet."
 
 
 def available() -> bool:
-    return (importlib.util.find_spec("stabilitylab.analysis") is not None
-            and importlib.util.find_spec("stabilitylab.analysis.scaling") is not None)
+    return SCALING.is_file()
 
 
 def laws() -> dict:
