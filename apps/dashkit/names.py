@@ -8,14 +8,10 @@ recorded scalar by picking it on the Compare page.
 # role -> scalar name as the trainer logs it
 SCALARS = {
     "loss": "loss",
-    "lr": "lr",
     "grad_norm": "grad_norm",
     "state_norm": "h_T_norm",  # max ‖h_T‖ over the batch
-    "state_norm_mean": "h_T_norm_mean",
     "tokens": "tokens",  # cumulative training tokens
     "flops": "flops",  # cumulative training FLOPs
-    "depth_n": "depth_n",
-    "depth_k": "depth_k",
 }
 
 # per-iteration loop statistics (LoopTrace fields); the first is the default view
@@ -47,7 +43,6 @@ CONFIG = {
     "mu_bwd": "model.backprop_depth",
     "d_model": "model.d_model",
     "d_state": "model.d_state",
-    "n_heads": "model.n_heads",
     "n_prelude": "model.n_prelude",
     "n_core": "model.n_core",
     "n_coda": "model.n_coda",
