@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from dashboard_lab import APPS, DASHBOARD, build_lab
+from dashboard_lab import APPS, DASHBOARD, REPO, build_lab
 from streamlit.testing.v1 import AppTest
 
 from stabilitylab.cli import dashboard_command
@@ -198,6 +198,12 @@ def test_scaling_page_reads_a_sweep_from_the_runs(lab):
     at.selectbox(key="scaling_experiment").set_value("lr-sweep").run()
     assert at.multiselect(key="scaling_runs_lr-sweep").value == [PARCAE, "lr-sweep/parcae-lr4e-4-s1"]
     assert metrics(at)["points fitted"] == "6"  # two runs × depths 1, 2, 4 (8 and 16 held out: T > μ_rec)
+
+
+def test_without_a_lab_argument_it_opens_the_reference_lab():
+    at = AppTest.from_file(str(DASHBOARD), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert at.text_input(key="lab").value == str(REPO / "data" / "reference-lab")
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
