@@ -4,6 +4,7 @@ run, live growth of a run, read-only access, and no torch in the dashboard's pro
 
 import base64
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -118,6 +119,28 @@ def test_compare_widgets_change_the_charts(lab):
     assert any(t.get("name", "").endswith("(2 seeds)") for t in charts(at)[0]["data"])
     at.multiselect(key="compare_extra").set_value(["tokens_per_s"]).run()
     assert titles(at)[-1] == "tokens_per_s"
+
+
+def test_chart_csvs_hold_every_point_while_the_charts_are_downsampled(tmp_path, monkeypatch):
+    """The CSV behind a download button is made on click; capture those callables and run them."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    made = {}
+    register = MediaFileManager.add_deferred
+
+    def capture(self, data, mimetype, coordinates, file_name=None, **kw):
+        made[file_name] = data
+        return register(self, data, mimetype, coordinates, file_name, **kw)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", capture)
+    lab = build_lab(tmp_path / "lab", steps=2000)
+    at = app(lab, "compare.py")
+    loss = pd.read_csv(io.StringIO(made["compare_loss.csv"]()), keep_default_na=False, na_values=["NaN"])
+    assert len(loss) == 2 * 2000 + (1700 + 1760) + 1000  # every step of every run (concat runs stop when they diverge)
+    assert loss.groupby("run")["step"].max().to_dict()[PARCAE] == 2000
+    shown = max(len(array(t["y"])) for t in charts(at)[0]["data"])
+    assert shown <= 602 < 2000  # the chart itself draws a min-max selection
+    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 5  # one CSV per chart
 
 
 def test_compare_without_a_selection_says_what_to_do(lab):

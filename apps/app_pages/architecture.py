@@ -13,8 +13,8 @@ st.title("Architecture")
 run_id = widgets.run_picker(runs, key="arch_run")
 token = session.token(runs, run_id)
 config = labdata.details(lab, run_id, token)["meta"].get("config", {})
-spectra = labdata.spectra(lab, run_id, token)
-latest = spectra.iloc[-1].drop("eigenvalues").to_dict() if len(spectra) else None
+spectra = labdata.spectrum_norms(lab, run_id, token)
+latest = spectra.iloc[-1].to_dict() if len(spectra) else None
 
 g = graph.build(config, latest)
 title = f"{names.config_value(config, 'injection', '?')} · T = μ_rec = {g.graph['depth']}, " \

@@ -56,7 +56,7 @@ panels = PANELS + [(n, "scalar", n, False, None) for n in extra]
 
 wanted = tuple(sorted({p[2] for p in panels if p[1] == "scalar"} | ({X_AXES[axis]} - {None})))
 data = {r: labdata.scalars(lab, r, rows.at[r, "token"], wanted) for r in rows.index}
-spectra = {r: labdata.spectra(lab, r, rows.at[r, "token"]) for r in rows.index}
+spectra = {r: labdata.spectrum_norms(lab, r, rows.at[r, "token"]) for r in rows.index}
 events = {r: labdata.events(lab, r, rows.at[r, "token"]) for r in rows.index}
 
 cols = st.columns(len(facets))
@@ -78,6 +78,14 @@ def to_x(run_id: str, steps: np.ndarray) -> np.ndarray | None:
         return steps.astype(float)
     ref = data[run_id].get(X_AXES[axis])
     return None if ref is None else value_at(ref[0], ref[1], steps)
+
+
+def export(parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], name: str) -> pd.DataFrame:
+    """(run, step, x, value) rows of every run, built in one piece (the run column categorical)."""
+    codes = np.repeat(np.arange(len(parts)), [len(p[1]) for p in parts])
+    return pd.DataFrame({"run": pd.Categorical.from_codes(codes, [p[0] for p in parts]),
+                         "step": np.concatenate([p[1] for p in parts]), axis: np.concatenate([p[2] for p in parts]),
+                         name: np.concatenate([p[3] for p in parts])})
 
 
 def seed_groups() -> dict[str, str]:
@@ -106,7 +114,7 @@ for title, source, name, _, hline in panels:
             continue
         steps, raw = s
         smooth = ema(steps, raw, halflife)
-        exports.append(pd.DataFrame({"run": r, "step": steps, axis: x, name: raw}))
+        exports.append((r, steps, x, raw))
         ev = events[r]
         at = ev["step"].to_numpy()
         points = list(zip(at.tolist(), ev["kind"].tolist(), ev["detail"].tolist()))
@@ -125,4 +133,4 @@ for title, source, name, _, hline in panels:
     if not exports:
         st.caption(f"{title}: not recorded by these runs.")
         continue
-    widgets.chart(charts.panel_figure(panel), pd.concat(exports, ignore_index=True), f"compare_{name}")
+    widgets.chart(charts.panel_figure(panel), export(exports, name), f"compare_{name}")

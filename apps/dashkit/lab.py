@@ -71,6 +71,13 @@ def spectra(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
 
 
 @st.cache_data(**CACHE)
+def spectrum_norms(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
+    """ρ(Ā) and the norms per spectrum step, without the eigenvalues: what curves over
+    training need, and a tenth of the bytes to keep in the cache."""
+    return run(lab, run_id).spectra().drop(columns="eigenvalues")
+
+
+@st.cache_data(**CACHE)
 def traces(lab: str, run_id: str, token: tuple) -> dict[str, store.Trace]:
     return run(lab, run_id).traces()
 
