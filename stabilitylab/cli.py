@@ -127,6 +127,66 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="fit a scaling law to a CSV of losses")
+    p.add_argument("csv", help="CSV file, one row per point")
+    p.add_argument("--law", required=True, choices=("chinchilla", "training", "test-time", "unified"))
+    p.add_argument("--form", default="exp", help="test-time form: exp, power1p, power or pure-power")
+    p.add_argument("--columns", default="",
+                   help="NAME=column pairs, comma separated, for the names N, D, T, mu_rec, L (default: the "
+                        "column of the same name); C=column gives D = C / (6 N) when there is no D")
+    p.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_fit)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    """Fit a law to a CSV and print its parameters, intervals and in-sample error."""
+    import pandas as pd
+
+    from stabilitylab.analysis import scaling
+
+    table = pd.read_csv(args.csv)
+    try:
+        law = (scaling.TEST_TIME_FORMS.get(args.form) if args.law == "test-time"
+               else {"chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}[args.law])
+        if law is None:
+            raise ValueError(f"--form: {args.form!r} is not a test-time form; choose one of "
+                             f"{', '.join(scaling.TEST_TIME_FORMS)}")
+        columns = _fit_columns(args.columns, table, (*law.inputs, "L"), args.csv)
+        fit = scaling.fit_law(law, columns.pop("L"), bootstrap=args.bootstrap, seed=args.seed, **columns)
+    except ValueError as err:
+        print(f"stabilitylab fit: {err}", file=sys.stderr)
+        return 2
+    print(fit.table())
+    return 0
+
+
+def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
+    """--columns "N=Model Size,C=Training FLOP,L=loss" → {name: column} for `names`."""
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, column = pair.partition("=")
+        if not sep or name.strip() not in (*names, "C"):
+            raise ValueError(f"--columns: cannot read {pair!r}; write NAME=column with NAME among "
+                             f"{', '.join((*names, 'C'))}")
+        mapping[name.strip()] = column.strip()
+
+    def column(name: str):
+        key = mapping.get(name, name)
+        if key not in table.columns:
+            raise ValueError(f"--columns: {source} has no column {key!r} for {name} (columns: "
+                             f"{', '.join(map(str, table.columns))}); map it with --columns {name}=<column>"
+                             + (" or derive it with C=<FLOP column>" if name == "D" else ""))
+        return table[key]
+
+    derive_D = "D" in names and "D" not in mapping and "D" not in table.columns and "C" in mapping
+    out = {name: column(name) for name in names if not (name == "D" and derive_D)}
+    if derive_D:
+        out["D"] = column("C") / (6 * out["N"])
+    return out
+
+
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="open the dashboard on a lab (Streamlit, in the browser)")
     p.add_argument("lab", nargs="?", help="lab directory (default: the reference lab, data/reference-lab)")
@@ -157,7 +217,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_data, _add_runs, _add_export, _add_dashboard):
+    for add in (_add_demo, _add_data, _add_runs, _add_export, _add_fit, _add_dashboard):
         add(sub)
     return parser
 

@@ -1,6 +1,31 @@
-"""The lab's analyses of looped models: the loop as a dynamical system, and more."""
+"""The lab's analyses of looped models: the loop as a dynamical system, and scaling laws.
 
-from stabilitylab.analysis.lyapunov import (FiniteTimeLyapunov, LyapunovSpectrum, finite_time_lyapunov,
-                                            loop_lyapunov, lyapunov_spectrum)
-from stabilitylab.analysis.spectra import (JacobianSpectrum, eigenvalues, jacobian_spectral_radius,
-                                           loop_jacobian, spectral_norm, spectral_radius)
+Names load lazily (PEP 562): `stabilitylab.analysis.scaling` is numpy and scipy only, so
+the dashboard can fit laws without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "lyapunov": ("FiniteTimeLyapunov", "LyapunovSpectrum", "finite_time_lyapunov", "loop_lyapunov",
+                 "lyapunov_spectrum"),
+    "scaling": ("CHINCHILLA", "TEST_TIME_FORMS", "TRAINING", "UNIFIED", "Allocation", "Fit", "Law",
+                "fit_chinchilla", "fit_law", "fit_test_time", "fit_test_time_forms", "fit_training",
+                "fit_unified", "optimal_allocation"),
+    "spectra": ("JacobianSpectrum", "eigenvalues", "jacobian_spectral_radius", "loop_jacobian", "spectral_norm",
+                "spectral_radius"),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"stabilitylab.analysis.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'stabilitylab.analysis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
