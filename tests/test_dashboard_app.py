@@ -19,11 +19,6 @@ from streamlit.testing.v1 import AppTest
 from stabilitylab.cli import dashboard_command
 from stabilitylab.store import RunWriter
 
-sys.path.insert(0, str(APPS))
-from dashkit import fits  # noqa: E402
-
-needs_scaling = pytest.mark.skipif(not fits.available(), reason="stabilitylab.analysis.scaling is not merged yet")
-
 TIMEOUT = 180  # seconds per script run; generous, the machine is shared and noisy
 CONCAT = "lr-sweep/concat-lr4e-4-s0"
 PARCAE = "lr-sweep/parcae-lr4e-4-s0"
@@ -161,7 +156,6 @@ def test_loop_dynamics_heatmap_and_step_slider(lab):
     assert charts(at)[2]["layout"]["title"]["text"] == "validation loss vs test-time depth"
 
 
-@needs_scaling
 def test_loop_dynamics_fits_the_test_time_depth_law(lab):
     at = app(lab, "loop.py", selected=[CONCAT])
     depth = charts(at)[2]
@@ -169,40 +163,12 @@ def test_loop_dynamics_fits_the_test_time_depth_law(lab):
     assert float(metrics(at)["z"]) == pytest.approx(0.7, rel=1e-3)  # the lab's L(T) = L∞ + 1.5·e^(−0.7T)
 
 
-@pytest.mark.skipif(fits.available(), reason="stabilitylab.analysis.scaling is here: the fits are tested")
-def test_without_the_scaling_module_the_pages_say_so_and_fit_nothing(lab):
-    at = app(lab, "loop.py", selected=[CONCAT])
-    assert fits.MISSING in [c.value for c in at.caption] and len(charts(at)[2]["data"]) == 1
-    at.switch_page("app_pages/scaling.py").run()
-    assert not at.exception and at.info[0].value == fits.MISSING
-
-
-def test_spectra_slider_moves_the_eigenvalues_and_shows_the_nonlinear_loop(lab):
-    at = app(lab, "spectra.py", selected=[CONCAT])
-    assert metrics(at)["modes with |λ| ≥ 1"] != "0"  # the unstable run at its last step
-    assert titles(at)[1] == "eigenvalues of Ā at step 170"
-    at.select_slider(key="spectra_step").set_value(20).run()
-    assert titles(at)[1] == "eigenvalues of Ā at step 20" and metrics(at)["modes with |λ| ≥ 1"] == "0"
-    assert "Jacobian spectral radius of the loop map" in titles(at)
-    assert "Lyapunov exponents (> 0: nearby states separate)" in titles(at)
-    at.toggle(key="spectra_animate").set_value(True).run()
-    assert len(charts(at)[1]["frames"]) == 17
-
-
-def test_architecture_reads_the_config_and_the_latest_spectrum(lab):
-    at = app(lab, "architecture.py", selected=[CONCAT])
-    (fig,) = charts(at)
-    title = fig["layout"]["title"]["text"]
-    assert "concat · T = μ_rec = 4" in title and "ρ(Ā) = 1.062" in title
-    assert "Ā h + B̄ e (t=4)" in fig["data"][0]["text"] and "crimson" in fig["data"][0]["marker"]["color"]
-
-
-@needs_scaling
 def test_scaling_page_fits_an_uploaded_csv_and_reports_held_out_error(lab):
     at = app(lab, "scaling.py")
     at.radio(key="scaling_source").set_value("CSV upload").run()
     T = np.array([1, 2, 3, 4, 6, 8, 12, 16.0])
-    csv = pd.DataFrame({"depth": T, "loss": 2.0 + 1.5 * np.exp(-0.5 * T)}).to_csv(index=False).encode()
+    noise = 1 + 1e-3 * np.random.default_rng(0).standard_normal(len(T))  # measured losses are never exact
+    csv = pd.DataFrame({"depth": T, "loss": (2.0 + 1.5 * np.exp(-0.5 * T)) * noise}).to_csv(index=False).encode()
     at.file_uploader(key="scaling_csv").upload("depth.csv", csv, "text/csv").run()
     at.selectbox(key="scaling_col_T").set_value("depth")
     at.selectbox(key="scaling_col_L").set_value("loss").run()
@@ -211,11 +177,12 @@ def test_scaling_page_fits_an_uploaded_csv_and_reports_held_out_error(lab):
     m = metrics(at)
     assert m["points fitted"] == "6" and m["held-out error"].endswith("%")
     params = at.dataframe[0].value.set_index("parameter")["value"]
-    assert params["L_inf"] == pytest.approx(2.0, rel=1e-3) and params["z"] == pytest.approx(0.5, rel=1e-3)
+    assert params["L_inf"] == pytest.approx(2.0, rel=1e-2) and params["z"] == pytest.approx(0.5, rel=5e-2)
+    lower, upper = at.dataframe[0].value.set_index("parameter").loc["L_inf", ["lower", "upper"]]
+    assert lower <= params["L_inf"] <= upper and lower < upper  # a bootstrap interval around the estimate
     assert titles(at) == ["L = L_inf + Z*exp(-z*T)", "predicted vs observed"]
 
 
-@needs_scaling
 def test_scaling_page_reads_a_sweep_from_the_runs(lab):
     at = app(lab, "scaling.py")
     at.selectbox(key="scaling_experiment").set_value("lr-sweep").run()

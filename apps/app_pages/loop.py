@@ -71,12 +71,8 @@ else:
     mu_rec = names.config_value(labdata.details(lab, run_id, token)["meta"].get("config", {}), "mu_rec")
     fig = charts.lines_figure("validation loss vs test-time depth", [(run_id, f"step {eval_step}", T, L)],
                               x_title="test-time depth T", y_title=names.VAL_LOSS, mode="lines+markers")
-    if not fits.available():
-        st.caption(fits.MISSING)
-    else:
-        depth_laws = {k: v for k, v in fits.laws().items() if v.inputs == ("T",)}
-        law = c[1].selectbox("law", list(depth_laws), key="loop_law")
-        fit_depth_law(fig, law, depth_laws[law], T, L)
+    law = c[1].selectbox("law", [k for k, v in fits.LAWS.items() if v.inputs == ("T",)], key="loop_law")
+    fit_depth_law(fig, law, fits.LAWS[law], T, L)
     if mu_rec:
         fig.add_vline(x=mu_rec, line_dash="dot", annotation_text="μ_rec (training)")
     widgets.chart(fig, at[["step", "depth", "value"]], f"depth_{run_id}_{eval_step}")

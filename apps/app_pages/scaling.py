@@ -33,10 +33,7 @@ def sweep_points(lab: str, runs: pd.DataFrame) -> pd.DataFrame:
 
 lab, runs = session.lab(), session.runs()
 st.title("Scaling laws")
-if not fits.available():
-    st.info(fits.MISSING)
-    st.stop()
-laws = fits.laws()
+laws = fits.LAWS
 c = st.columns([1, 2])
 source = c[0].radio("data", ["runs of a sweep", "CSV upload"], key="scaling_source")
 law = c[1].selectbox("law", list(laws), index=list(laws).index(fits.TEST_TIME), key="scaling_law",
