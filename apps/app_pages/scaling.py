@@ -48,7 +48,7 @@ if source == "CSV upload":
         st.stop()
     points = pd.read_csv(upload)
 else:
-    experiments = sorted(runs["experiment"].dropna().unique())
+    experiments = runs["experiment"].value_counts().index.tolist()  # the largest sweep first
     experiment = st.selectbox("sweep (experiment)", experiments, key="scaling_experiment")
     members = runs[runs["experiment"] == experiment].rename(columns={names.config_column("mu_rec"): "mu_rec"})
     chosen = st.multiselect("runs", members["run_id"], members.loc[members["status"] != "diverged", "run_id"],
