@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench lint clean
+.PHONY: venv demo dashboard test test-all bench lint clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/stabilitylab demo
+
+dashboard: venv  # `make dashboard LAB=path/to/lab`; without LAB, the reference lab
+	$(BIN)/stabilitylab dashboard $(LAB)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from stabilitylab.config import ConfigError
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
@@ -264,10 +265,38 @@ def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
     return out
 
 
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="open the dashboard on a lab (Streamlit, in the browser)")
+    p.add_argument("lab", nargs="?", help="lab directory (default: the reference lab, data/reference-lab)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.set_defaults(handler=_cmd_dashboard)
+
+
+def dashboard_command(lab: str | None, port: int) -> list[str]:
+    """`python -m streamlit run apps/dashboard.py ... -- --lab LAB`: the dashboard lives
+    beside the package in the repository (apps/ is not installed)."""
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "apps" / "dashboard.py"
+    if not app.is_file():
+        raise FileNotFoundError(f"{app}: the dashboard ships with the repository; run it from a clone")
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+            "--browser.gatherUsageStats", "false", "--", *(["--lab", lab] if lab else [])]
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> NoReturn:
+    """Become the Streamlit server (exec), so a signal to this process reaches it."""
+    import os
+
+    command = dashboard_command(args.lab, args.port)
+    os.execv(command[0], command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_fit):
+    for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_fit,
+                _add_dashboard):
         add(sub)
     return parser
 

@@ -87,26 +87,27 @@ def _newton(problem: _Problem, theta: np.ndarray, weights: np.ndarray, delta: fl
     f, g, H = problem.derivatives(theta, weights, delta)
     damping = np.full(f.shape, 1e-3)
     active = np.arange(len(theta))
-    for _ in range(max_iter):
-        if not len(active):
-            break
-        lam, V = np.linalg.eigh(H[active])
-        scale = np.maximum(np.abs(lam).max(axis=-1, keepdims=True), 1e-300)
-        coeff = (V.swapaxes(-1, -2) @ g[active, :, None]).squeeze(-1) / (np.abs(lam) + damping[active, None] * scale)
-        step = -(V @ coeff[..., None]).squeeze(-1)
-        length = np.linalg.norm(step, axis=-1)
-        step = step * np.minimum(MAX_STEP / length, 1.0)[:, None]
-        trial = theta[active] + step
-        f_t, g_t, H_t = problem.derivatives(trial, weights[active], delta)
-        better = f_t < f[active]
-        gain = f[active] - f_t
-        moved = active[better]
-        theta[moved], f[moved], g[moved], H[moved] = trial[better], f_t[better], g_t[better], H_t[better]
-        damping[active] = np.where(better, damping[active] / 3, damping[active] * 4)
-        done = ((better & (gain <= ftol * np.abs(f_t)))
-                | (length <= xtol * (1 + np.linalg.norm(theta[active], axis=-1)))
-                | (damping[active] > 1e10))
-        active = active[~done]
+    with np.errstate(over="ignore", invalid="ignore"):  # a far-off trial may overflow; it is then rejected
+        for _ in range(max_iter):
+            if not len(active):
+                break
+            lam, V = np.linalg.eigh(H[active])
+            scale = np.maximum(np.abs(lam).max(axis=-1, keepdims=True), 1e-300)
+            coeff = (V.swapaxes(-1, -2) @ g[active, :, None]).squeeze(-1) / (np.abs(lam) + damping[active, None] * scale)
+            step = -(V @ coeff[..., None]).squeeze(-1)
+            length = np.linalg.norm(step, axis=-1)
+            step = step * np.minimum(MAX_STEP / np.maximum(length, 1e-300), 1.0)[:, None]
+            trial = theta[active] + step
+            f_t, g_t, H_t = problem.derivatives(trial, weights[active], delta)
+            better = f_t < f[active]
+            gain = f[active] - f_t
+            moved = active[better]
+            theta[moved], f[moved], g[moved], H[moved] = trial[better], f_t[better], g_t[better], H_t[better]
+            damping[active] = np.where(better, damping[active] / 3, damping[active] * 4)
+            done = ((better & (gain <= ftol * np.abs(f_t)))
+                    | (length <= xtol * (1 + np.linalg.norm(theta[active], axis=-1)))
+                    | (damping[active] > 1e10))
+            active = active[~done]
     return theta, f
 
 

@@ -1,0 +1,228 @@
+"""Plotly figures. Pure functions of arrays: no store, no Streamlit.
+
+Figures are assembled as plain dicts and wrapped without plotly's per-property
+validation (it costs ~4 ms per trace; a Compare page has hundreds). The tests rebuild
+every figure with validation on, so a typo here still fails loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from dashkit import names
+from dashkit.series import minmax_indices
+
+PALETTE = qualitative.Dark24
+DISPLAY_POINTS = 600  # per curve on screen; exports are full resolution
+HEIGHT = 330
+
+
+def color(key: str) -> str:
+    """A run's (or seed group's) colour: the same on every page and in every session."""
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    return PALETTE[int.from_bytes(digest, "big") % len(PALETTE)]
+
+
+def faded(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def figure(data: list[dict], layout: dict) -> go.Figure:
+    return go.Figure(data=data, layout={"height": HEIGHT, "margin": {"t": 40, "b": 40, "l": 60, "r": 20},
+                                        **layout}, _validate=False)
+
+
+def _thin(x: np.ndarray, y: np.ndarray, points: int = DISPLAY_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    keep = minmax_indices(y, points)
+    return x[keep], y[keep]
+
+
+@dataclass
+class Curve:
+    """One line of a metric panel: a run, or a seed group (mean with lower/upper band)."""
+
+    key: str  # colour key: run id or group name
+    label: str
+    facet: int  # column of the panel
+    x: np.ndarray
+    raw: np.ndarray
+    smooth: np.ndarray
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+
+
+@dataclass
+class Marker:
+    """An event drawn on a curve: a loss spike, a divergence, an early warning."""
+
+    key: str
+    facet: int
+    x: float
+    y: float
+    kind: str
+    text: str
+
+
+@dataclass
+class Panel:
+    title: str
+    facets: list[str]
+    x_title: str
+    log_x: bool = False
+    log_y: bool = False
+    hline: float | None = None  # e.g. ρ = 1
+    smoothed: bool = False  # draw each raw curve faint behind its smoothed one
+    curves: list[Curve] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
+    vlines: list[tuple[str, int, float]] = field(default_factory=list)  # (key, facet, x): a divergence
+
+
+def _axes(facet: int) -> tuple[str, str]:
+    return ("x", "y") if facet == 0 else (f"x{facet + 1}", f"y{facet + 1}")
+
+
+def panel_figure(panel: Panel) -> go.Figure:
+    """Curves side by side, one column per facet, sharing the y axis: the smoothed curve
+    bold over the raw one (faint), seed bands filled, events as markers, divergences as
+    dotted vertical lines, and an optional horizontal reference line."""
+    n = max(len(panel.facets), 1)
+    layout = make_subplots(rows=1, cols=n, shared_yaxes=True, subplot_titles=panel.facets if n > 1 else None,
+                           horizontal_spacing=0.03).layout.to_plotly_json()
+    data: list[dict] = []
+    for c in panel.curves:
+        xa, ya = _axes(c.facet)
+        rgb = color(c.key)
+        common = {"type": "scatter", "mode": "lines", "xaxis": xa, "yaxis": ya, "legendgroup": c.key}
+        if c.lower is not None:
+            x, lo = _thin(c.x, c.lower)
+            x2, hi = _thin(c.x, c.upper)
+            data.append({**common, "x": x2, "y": hi, "line": {"width": 0}, "showlegend": False, "hoverinfo": "skip"})
+            data.append({**common, "x": x, "y": lo, "line": {"width": 0}, "fill": "tonexty",
+                         "fillcolor": faded(rgb, 0.2), "showlegend": False, "hoverinfo": "skip"})
+        elif panel.smoothed:
+            x, y = _thin(c.x, c.raw)
+            data.append({**common, "x": x, "y": y, "name": c.label, "showlegend": False,
+                         "line": {"width": 1, "color": faded(rgb, 0.35)}, "hoverinfo": "skip"})
+        x, y = _thin(c.x, c.smooth)
+        data.append({**common, "x": x, "y": y, "name": c.label, "line": {"width": 2, "color": rgb}})
+    seen: set[str] = set()
+    for kind in dict.fromkeys(m.kind for m in panel.markers):
+        label, symbol = names.EVENTS.get(kind, names.OTHER_EVENT)
+        ms = [m for m in panel.markers if m.kind == kind]
+        for facet in sorted({m.facet for m in ms}):
+            at = [m for m in ms if m.facet == facet]
+            xa, ya = _axes(facet)
+            data.append({"type": "scatter", "mode": "markers", "xaxis": xa, "yaxis": ya, "name": label,
+                         "legendgroup": f"event:{label}", "showlegend": label not in seen,
+                         "x": [m.x for m in at], "y": [m.y for m in at], "text": [m.text for m in at],
+                         "hovertemplate": "%{text}<extra></extra>",
+                         "marker": {"symbol": symbol, "size": 10, "color": [color(m.key) for m in at],
+                                    "line": {"width": 1, "color": "black"}}})
+            seen.add(label)
+    shapes = []
+    for key, facet, x in panel.vlines:
+        xa, ya = _axes(facet)
+        shapes.append({"type": "line", "xref": xa, "yref": f"{ya} domain", "x0": x, "x1": x, "y0": 0, "y1": 1,
+                       "line": {"color": color(key), "dash": "dot", "width": 1.5}})
+    if panel.hline is not None:
+        for facet in range(n):
+            xa, ya = _axes(facet)
+            shapes.append({"type": "line", "xref": f"{xa} domain", "yref": ya, "x0": 0, "x1": 1,
+                           "y0": panel.hline, "y1": panel.hline, "line": {"color": "crimson", "dash": "dash"}})
+    for facet in range(n):
+        xa, ya = _axes(facet)
+        layout.setdefault(f"xaxis{facet + 1 if facet else ''}", {}).update(
+            type="log" if panel.log_x else "linear", title={"text": panel.x_title})
+        layout.setdefault(f"yaxis{facet + 1 if facet else ''}", {}).update(type="log" if panel.log_y else "linear")
+    layout["yaxis"]["title"] = {"text": panel.title}
+    return figure(data, {**layout, "shapes": shapes, "title": {"text": panel.title},
+                         "legend": {"orientation": "h", "y": -0.25}, "hovermode": "closest"})
+
+
+def lines_figure(title: str, lines: list[tuple[str, str, np.ndarray, np.ndarray]], *, x_title: str,
+                 y_title: str = "", log_y: bool = False, hline: float | None = None, dash_key: str | None = None,
+                 mode: str = "lines") -> go.Figure:
+    """A few plain lines: (colour key, label, x, y) each; `dash_key` draws that key's lines dashed."""
+    data = [{"type": "scatter", "mode": mode, "x": x, "y": y, "name": label, "legendgroup": key,
+             "line": {"color": color(key), "width": 2, "dash": "dash" if key == dash_key else "solid"}}
+            for key, label, x, y in lines]
+    shapes = [] if hline is None else [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": hline,
+                                         "y1": hline, "line": {"color": "crimson", "dash": "dash"}}]
+    return figure(data, {"title": {"text": title}, "shapes": shapes, "xaxis": {"title": {"text": x_title}},
+                         "yaxis": {"title": {"text": y_title}, "type": "log" if log_y else "linear"}})
+
+
+def heatmap_figure(title: str, steps: np.ndarray, values: np.ndarray, *, log_color: bool,
+                   columns: int = 400) -> go.Figure:
+    """values[i, t] over training step (x) × loop iteration t + 1 (y); at most `columns` steps shown."""
+    keep = np.unique(np.linspace(0, len(steps) - 1, min(columns, len(steps))).astype(int)) if len(steps) else []
+    z = values[keep].T
+    label = title
+    if log_color:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.log10(np.where(z > 0, z, np.nan))
+        label = f"log10 {title}"
+    data = [{"type": "heatmap", "x": np.asarray(steps)[keep], "y": np.arange(1, values.shape[1] + 1), "z": z,
+             "colorscale": "Viridis", "colorbar": {"title": {"text": label}},
+             "hovertemplate": "step %{x}<br>iteration %{y}<br>%{z:.4g}<extra></extra>"}]
+    return figure(data, {"title": {"text": f"{title} over training step × loop iteration"},
+                         "xaxis": {"title": {"text": "training step"}},
+                         "yaxis": {"title": {"text": "loop iteration t"}, "dtick": 1}})
+
+
+def eigen_figure(eigenvalues: np.ndarray, step: int, frames: list[tuple[int, np.ndarray]] | None = None) -> go.Figure:
+    """Eigenvalues of Ā in the complex plane with the unit circle; |λ| ≥ 1 in red. With
+    `frames` (step, eigenvalues), a play button animates them over training."""
+
+    def points(eig: np.ndarray) -> dict:
+        outside = np.abs(eig) >= 1
+        return {"type": "scatter", "mode": "markers", "x": eig.real, "y": eig.imag, "name": "λ(Ā)",
+                "marker": {"size": 7, "color": np.where(outside, "crimson", "royalblue").tolist()},
+                "hovertemplate": "λ = %{x:.4f} %{y:+.4f}i<extra></extra>"}
+
+    theta = np.linspace(0, 2 * np.pi, 361)
+    circle = {"type": "scatter", "mode": "lines", "x": np.cos(theta), "y": np.sin(theta), "name": "|λ| = 1",
+              "line": {"color": "gray", "dash": "dash"}, "hoverinfo": "skip"}
+    reach = max(1.1, float(np.abs(eigenvalues).max(initial=0)) * 1.1,
+                *(float(np.abs(e).max(initial=0)) * 1.1 for _, e in frames or ()))
+    layout = {"title": {"text": f"eigenvalues of Ā at step {step}"}, "height": 480,
+              "xaxis": {"title": {"text": "Re λ"}, "range": [-reach, reach]},
+              "yaxis": {"title": {"text": "Im λ"}, "range": [-reach, reach], "scaleanchor": "x", "scaleratio": 1}}
+    fig = figure([circle, points(eigenvalues)], layout)
+    if frames:
+        fig.frames = [go.Frame(data=[circle, points(e)], name=str(s),
+                               layout={"title": {"text": f"eigenvalues of Ā at step {s}"}}) for s, e in frames]
+        fig.update_layout(
+            updatemenus=[{"type": "buttons", "showactive": False, "x": 0, "y": -0.12, "xanchor": "left",
+                          "buttons": [{"label": "▶ play", "method": "animate",
+                                       "args": [None, {"frame": {"duration": 150, "redraw": True},
+                                                       "fromcurrent": True}]}]}],
+            sliders=[{"active": 0, "currentvalue": {"prefix": "step "}, "pad": {"t": 40},
+                      "steps": [{"label": str(s), "method": "animate",
+                                 "args": [[str(s)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}]}
+                                for s, _ in frames]}])
+    return fig
+
+
+def histogram_figure(title: str, values: np.ndarray, *, x_title: str, vline: float | None = None) -> go.Figure:
+    finite = values[np.isfinite(values)]
+    shapes = [] if vline is None else [{"type": "line", "yref": "y domain", "x0": vline, "x1": vline, "y0": 0,
+                                        "y1": 1, "line": {"color": "crimson", "dash": "dash"}}]
+    return figure([{"type": "histogram", "x": finite, "nbinsx": 40, "marker": {"color": "royalblue"}}],
+                  {"title": {"text": title}, "shapes": shapes, "xaxis": {"title": {"text": x_title}},
+                   "yaxis": {"title": {"text": "count"}}, "bargap": 0.05})
+
+
+def event_markers(key: str, facet: int, events: list[tuple[int, str, str]], x: np.ndarray,
+                  y: np.ndarray) -> list[Marker]:
+    """Markers for (step, kind, detail) events at positions (x, y), one per event; events
+    where the curve has no finite value are left out."""
+    return [Marker(key, facet, float(xv), float(yv), kind, f"{key}<br>step {s}: {kind}<br>{detail}")
+            for (s, kind, detail), xv, yv in zip(events, x, y) if np.isfinite(yv)]

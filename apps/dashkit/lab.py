@@ -1,0 +1,104 @@
+"""The dashboard's reads of the lab: st.cache_data over stabilitylab.store.
+
+Every cached read takes the run's token (Run.token(): mtime and size of its database), so
+a cache entry is reused until the run commits something, then read again. The runs table
+is keyed by lab_token, which changes when a run is added, removed or grows. Nothing here
+writes to the lab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashkit import names
+from stabilitylab import store
+
+REFERENCE_LAB = Path(__file__).resolve().parents[2] / "data" / "reference-lab"
+CACHE = dict(show_spinner=False, max_entries=512)
+
+
+def lab_token(lab: str) -> tuple | None:
+    """The lab's cache key, or None when the directory does not exist."""
+    try:
+        return store.lab_token(lab)
+    except store.StoreError:
+        return None
+
+
+@st.cache_data(**CACHE)
+def _runs_table(lab: str, token: tuple) -> pd.DataFrame:
+    table = store.list_runs(lab)
+    for role in ("injection", "lr", "mu_rec"):  # a lab whose runs never set these still has the columns
+        if names.config_column(role) not in table:
+            table[names.config_column(role)] = None
+    return table
+
+
+def runs_table(lab: str) -> pd.DataFrame | None:
+    """list_runs of the lab (readable and unreadable runs), or None if it does not exist."""
+    token = lab_token(lab)
+    return None if token is None else _runs_table(lab, token)
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["readable"].astype(bool)].reset_index(drop=True)
+
+
+def run(lab: str, run_id: str) -> store.Run:
+    return store.Run(Path(lab) / run_id, run_id)
+
+
+@st.cache_data(**CACHE)
+def scalar_names(lab: str, run_id: str, token: tuple) -> list[str]:
+    return run(lab, run_id).scalar_names()
+
+
+@st.cache_data(**CACHE)
+def scalars(lab: str, run_id: str, token: tuple, wanted: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (steps, values) at full resolution, for the wanted names this run logged."""
+    frame = run(lab, run_id).scalars(wanted)
+    return {name: (part["step"].to_numpy(), part["value"].to_numpy())
+            for name, part in frame.groupby("name", sort=False)}
+
+
+@st.cache_data(**CACHE)
+def spectra(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
+    return run(lab, run_id).spectra()
+
+
+@st.cache_data(**CACHE)
+def spectrum_norms(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
+    """ρ(Ā) and the norms per spectrum step, without the eigenvalues: what curves over
+    training need, and a tenth of the bytes to keep in the cache."""
+    return run(lab, run_id).spectra().drop(columns="eigenvalues")
+
+
+@st.cache_data(**CACHE)
+def traces(lab: str, run_id: str, token: tuple) -> dict[str, store.Trace]:
+    return run(lab, run_id).traces()
+
+
+@st.cache_data(**CACHE)
+def evals(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
+    return run(lab, run_id).evals()
+
+
+@st.cache_data(**CACHE)
+def events(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
+    return run(lab, run_id).events()
+
+
+@st.cache_data(**CACHE)
+def analysis(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
+    return run(lab, run_id).analysis()
+
+
+@st.cache_data(**CACHE)
+def details(lab: str, run_id: str, token: tuple) -> dict:
+    """meta (with the config), status history, results and checkpoints of one run."""
+    r = run(lab, run_id)
+    return {"meta": r.meta(), "status": r.status_history(), "results": r.results(), "checkpoints": r.checkpoints()}

@@ -1,0 +1,66 @@
+"""Every name the dashboard reads from a run, in one place.
+
+The trainer names its scalars; the dashboard relies only on the ones below and falls back
+gracefully (a note, no chart) when a run did not record one. Users can plot any other
+recorded scalar by picking it on the Compare page.
+"""
+
+# role -> scalar name as the trainer logs it
+SCALARS = {
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "state_norm": "h_T_norm",  # max ‖h_T‖ over the batch
+    "tokens": "tokens",  # cumulative training tokens
+    "flops": "flops",  # cumulative training FLOPs
+}
+
+# per-iteration loop statistics (LoopTrace fields); the first is the default view
+TRACES = ("state_norm_mean", "state_norm_max", "delta_norm_mean", "rel_residual", "cosine")
+
+# spectra columns: ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂, ‖e‖
+SPECTRA = {"rho": "ρ(Ā)", "norm_a": "‖Ā‖₂", "norm_b": "‖B̄‖₂", "norm_c": "‖C‖₂", "norm_e": "‖e‖"}
+
+# analysis arrays written by `stabilitylab analyze`
+ANALYSIS = {"jacobian_radius": "jacobian_radius", "lyapunov": "lyapunov"}
+
+# evaluation metric of the test-time depth curve
+VAL_LOSS = "val_loss"
+
+# event kind -> (legend label, plotly marker symbol); other kinds draw as OTHER_EVENT
+EVENTS = {
+    "loss_spike": ("loss spike", "triangle-up"),
+    "spike": ("loss spike", "triangle-up"),
+    "divergence": ("divergence", "x"),
+    "early_warning": ("early warning", "diamond"),
+}
+OTHER_EVENT = ("event", "circle-open")
+
+# role -> config path (list_runs flattens it to "config.<dotted.path>")
+CONFIG = {
+    "injection": "model.injection",
+    "lr": "train.lr",
+    "mu_rec": "model.mean_recurrence",
+    "mu_bwd": "model.backprop_depth",
+    "d_model": "model.d_model",
+    "d_state": "model.d_state",
+    "n_prelude": "model.n_prelude",
+    "n_core": "model.n_core",
+    "n_coda": "model.n_coda",
+    "prelude_norm": "model.prelude_norm",
+    "vocab_size": "model.vocab_size",
+}
+
+
+def config_column(role: str) -> str:
+    """The list_runs column of a config role: "injection" -> "config.model.injection"."""
+    return f"config.{CONFIG[role]}"
+
+
+def config_value(config: dict, role: str, default=None):
+    """A run's config value by role, walking the nested dict; `default` when absent."""
+    node = config
+    for key in CONFIG[role].split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
