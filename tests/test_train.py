@@ -271,3 +271,11 @@ def test_an_overflowed_loop_gets_a_probe_error_event_not_a_crash(tmp_path):
     assert run.analysis().empty
     events = run.events()
     assert events["kind"].tolist() == ["probe_error"] and "non-finite" in events["detail"][0]
+
+
+def test_the_gpt_baseline_trains_without_loop_records(tmp_path, corpus_cache):
+    assert train(tiny(corpus_cache, "model.looped=false"), tmp_path, "gpt", progress=False) == "finished"
+    run = open_run("gpt", tmp_path)
+    names = set(run.scalar_names())
+    assert {"loss", "grad_norm/core", "flops"} <= names and not names & {"h_T_norm", "depth_n_mean"}
+    assert run.spectra().empty and not run.traces() and set(run.evals()["depth"]) == {1}

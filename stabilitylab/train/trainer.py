@@ -165,10 +165,10 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
             if writer:
                 scalars = {"loss": loss_v, "lr": tc.lr * factor, "grad_norm": total_v,
                            **{f"grad_norm/{role}": v for role, v in zip(norms, values[4:])},
-                           "tokens_per_s": B * seq_len / seconds, "depth_n_mean": n_mean, "depth_k_mean": k_mean,
-                           "depth_total_max": depth.total_max, **totals}
-                if cfg.looped:
-                    scalars |= {"h_T_norm": norm_max_v, "h_T_norm_mean": norm_mean_v}
+                           "tokens_per_s": B * seq_len / seconds, **totals}
+                if cfg.looped:  # the GPT baseline has no loop: no depths, no state
+                    scalars |= {"depth_n_mean": n_mean, "depth_k_mean": k_mean, "depth_total_max": depth.total_max,
+                                "h_T_norm": norm_max_v, "h_T_norm_mean": norm_mean_v}
                 writer.log(step, scalars)
                 for kind, detail in verdict.events:
                     writer.log_event(step, kind, detail)
