@@ -18,8 +18,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
+# the quick constrained-vs-unconstrained comparison (~1-2 min; finished runs are kept),
+# then the dashboard on it
 demo: venv
-	$(BIN)/stabilitylab demo
+	$(BIN)/stabilitylab sweep experiments/quick.toml --jobs 2 --lab runs
+	$(BIN)/stabilitylab dashboard runs
 
 dashboard: venv  # `make dashboard LAB=path/to/lab`; without LAB, the reference lab
 	$(BIN)/stabilitylab dashboard $(LAB)

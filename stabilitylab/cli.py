@@ -15,15 +15,15 @@ from stabilitylab.config import ConfigError
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the lab's quick demonstration")
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="print the loop trace of fresh models, one per injection")
     p.add_argument("--injection", default="all", help="injection to trace, or all")
     p.add_argument("--depth", type=int, default=8, help="loop iterations to trace")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_cmd_demo)
+    p.set_defaults(handler=_cmd_trace)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_trace(args: argparse.Namespace) -> int:
     """A short instrumented forward pass: the loop trace of a fresh model per injection."""
     import torch
 
@@ -205,6 +205,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compact(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compact", help="drop the checkpoints of finished runs, keeping every metric")
+    p.add_argument("target", help="a run directory, or a lab (every run in it)")
+    p.set_defaults(handler=_cmd_compact)
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from stabilitylab.store import compact_run, find_runs
+
+    runs = [r.path for r in find_runs(args.target)] or [args.target]
+    for run_dir in runs:
+        print(f"{run_dir}: {compact_run(run_dir) / 2**20:.1f} MiB freed")
+    return 0
+
+
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to a CSV of losses")
     p.add_argument("csv", help="CSV file, one row per point")
@@ -295,7 +310,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_fit,
+    for add in (_add_trace, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_compact, _add_fit,
                 _add_dashboard):
         add(sub)
     return parser

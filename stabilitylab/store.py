@@ -903,6 +903,24 @@ def read_scalars(runs: Iterable[Run], names: Iterable[str] | None = None, *, sta
     return table
 
 
+def compact_run(run_dir: str | Path) -> int:
+    """Make a finished run small enough to commit or share: drop its checkpoints (index
+    rows and files), vacuum the database and remove the writer lock file. Every metric
+    stays. Returns the bytes freed. A run with a live writer is refused."""
+    run_dir = _existing_run(run_dir)
+    before = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    with RunWriter.attach(run_dir) as writer:
+        for step in sorted({int(s) for s in Run(run_dir).checkpoints()["step"]}):
+            writer.remove_checkpoint(step)
+    with contextlib.closing(sqlite3.connect(run_dir / DB_NAME)) as con:
+        con.execute("VACUUM")
+    (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    checkpoints = run_dir / CHECKPOINT_DIR
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    return before - sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+
+
 def export_run(run: Run, out: str | Path, fmt: str = "csv") -> list[Path]:
     """Write every table of `run` to out/<table>.<fmt> (csv or parquet), plus meta.json and
     results.json; return the paths written."""

@@ -539,3 +539,23 @@ def test_cli_lists_runs_and_exports_one(tmp_path, capsys):
     assert (tmp_path / "x" / "scalars.parquet").exists()
     assert main(["runs", str(tmp_path / "none")]) == 2
     assert "no such lab directory" in capsys.readouterr().err
+
+
+def test_compacting_a_run_drops_its_checkpoints_and_keeps_every_metric(tmp_path):
+    run_dir = write_run(tmp_path / "lab", finish=False)
+    before = Run(run_dir).tables()
+    assert store.compact_run(run_dir) > 0
+    after = Run(run_dir).tables()
+    assert after["checkpoints"].empty and not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "writer.lock").exists()
+    for name, table in before.items():
+        if name != "checkpoints":
+            pd.testing.assert_frame_equal(table, after[name], check_dtype=False, obj=name)
+    assert Run(run_dir).status()["status"] == "diverged"
+
+
+def test_a_run_with_a_live_writer_is_not_compacted(tmp_path):
+    with RunWriter.create(tmp_path / "lab", "live", {}, experiment="x") as w:
+        w.log(1, {"loss": 1.0})
+        with pytest.raises(StoreError):
+            store.compact_run(tmp_path / "lab" / "live")
