@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 _MODULES = {
+    "bounds": ("BoundResult", "Bounds", "CheckReport", "CheckSettings", "check_bounds", "load_bounds"),
     "lyapunov": ("FiniteTimeLyapunov", "LyapunovSpectrum", "finite_time_lyapunov", "loop_lyapunov",
                  "lyapunov_spectrum"),
     "scaling": ("CHINCHILLA", "TEST_TIME_FORMS", "TRAINING", "UNIFIED", "Allocation", "Fit", "Law",
