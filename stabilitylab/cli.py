@@ -280,6 +280,98 @@ def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
     return out
 
 
+TARGET_HELP = "a run directory or run id in --lab, a checkpoint file, or a parcae_lm checkpoint directory"
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="Jacobian spectral radius and Lyapunov exponents of the loop at checkpoints; "
+                                       "recorded into the run")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--jacobian", action="store_true", help="the Jacobian spectrum (default: both)")
+    p.add_argument("--lyapunov", action="store_true", help="the Lyapunov exponents (default: both)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
+    p.add_argument("--all-checkpoints", action="store_true", help="every indexed checkpoint of the run")
+    p.add_argument("--depth", type=int, metavar="T", help="loop iterations (default: the run's probes.trace_depth, "
+                                                          "else 2·μ_rec)")
+    p.add_argument("--position", type=int, default=-1, metavar="P", help="token of the per-token view (default -1)")
+    p.add_argument("--batch", type=int, metavar="N", help="sequences (default: the run's probes.batch_size, else 2)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default: the run's data.seq_len, "
+                                                            "else 64 random tokens)")
+    p.add_argument("--seed", type=int, help="random tokens and h_0 (default: the run's train.seed, else 0)")
+    p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to analyse on")
+    p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_analyze)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """Analyse, print, record into the run (when the target is one), exit 1 if an analysis failed."""
+    import json
+    from pathlib import Path
+
+    from stabilitylab.analyze import analyze, record
+    from stabilitylab.targets import checkpoint_steps, load_target, read_tokens
+
+    if args.all_checkpoints and args.checkpoint is not None:
+        raise ConfigError("--all-checkpoints", "and --checkpoint both pick checkpoints", "pass one of them")
+    tokens = read_tokens(args.tokens) if args.tokens else None
+    first = load_target(args.target, args.lab, args.checkpoint)
+    targets = [first]
+    if args.all_checkpoints:
+        if first.run is None:
+            raise ConfigError("--all-checkpoints", f"{first.label} is not in a run", "pass a run, or drop the flag")
+        targets = [first if step == first.step else load_target(first.run.path, args.lab, step)
+                   for step in checkpoint_steps(first.run)]
+    if first.run is not None and first.run.alive():
+        raise StoreError(first.run.path, "is being written by a live trainer", "analyse it once it has stopped")
+    both = not (args.jacobian or args.lyapunov)
+    results = []
+    for target in targets:
+        results.append(analyze(target, jacobian=both or args.jacobian, lyapunov=both or args.lyapunov,
+                               depth=args.depth, position=args.position, batch_size=args.batch,
+                               seq_len=args.seq_len, seed=args.seed, tokens=tokens))
+        print(results[-1].text())
+    if first.run is not None:
+        record(first.run, results)
+        print(f"recorded in {first.run.path}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check stability bounds (ρ(Ā), norms, growth, Jacobian, Lyapunov, depth "
+                                     "loss); exit 1 if one fails")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--bounds", required=True, metavar="FILE", help="bounds TOML, e.g. checks/bounds.toml")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
+    p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to check on")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one testcase per bound")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """0: every bound holds; 1: one fails; 2: bad input (main)."""
+    import json
+    from pathlib import Path
+
+    from stabilitylab.analysis.bounds import load_bounds
+    from stabilitylab.targets import check_target, read_tokens
+
+    bounds, settings = load_bounds(args.bounds)
+    tokens = read_tokens(args.tokens) if args.tokens else None
+    report = check_target(args.target, bounds, settings, tokens, args.lab, args.checkpoint)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if args.junit:
+        try:
+            Path(args.junit).write_text(report.junit())
+        except OSError as err:
+            raise ConfigError("--junit", f"cannot write {args.junit}: {err.strerror}", "pass a writable path") from None
+    return 0 if report.passed else 1
+
+
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="open the dashboard on a lab (Streamlit, in the browser)")
     p.add_argument("lab", nargs="?", help="lab directory (default: the reference lab, data/reference-lab)")
@@ -311,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_add_trace, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_compact, _add_fit,
-                _add_dashboard):
+                _add_analyze, _add_check, _add_dashboard):
         add(sub)
     return parser
 

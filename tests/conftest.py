@@ -19,3 +19,29 @@ def corpus_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("corpus-cache")
     prepare(DataConfig(tokenizer="bytes", seq_len=32, cache_dir=str(cache)))
     return cache
+
+
+# Tiny runs trained at learning rates far above the default 3e-3 (6 steps; checkpoints at 3 and 6):
+# the injections that promise ρ(Ā) < 1 keep it, the unconstrained ones do not (tests/test_check_cli.py).
+PUSHED_RUNS = {
+    "parcae": ["model.injection=parcae", "train.lr=0.1", "probes.analysis_every=3"],
+    "parcae-zoh": ["model.injection=parcae-zoh", "train.lr=0.1"],
+    "stable-dense": ["model.injection=stable-dense", "train.lr=0.1"],
+    "concat": ["model.injection=concat", "train.lr=0.1"],
+    "free-diagonal": ["model.injection=free-diagonal", "train.lr=0.3", "divergence.action=record"],
+}
+
+
+@pytest.fixture(scope="session")
+def pushed_lab(tmp_path_factory, corpus_cache):
+    """A lab of PUSHED_RUNS trained through the trainer (about 20 s on 2 cores)."""
+    from pathlib import Path
+
+    from stabilitylab.experiment import load_experiment
+    from stabilitylab.train.trainer import train
+
+    lab = tmp_path_factory.mktemp("pushed-lab")
+    tiny = Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml"
+    for run_id, sets in PUSHED_RUNS.items():
+        train(load_experiment(tiny, [f"data.cache_dir={corpus_cache}", *sets]), lab, run_id, progress=False)
+    return lab
