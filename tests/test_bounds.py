@@ -245,7 +245,7 @@ def write(tmp_path, text):
 def test_the_example_bounds_file_loads_every_bound():
     from pathlib import Path
 
-    bounds, settings = load_bounds(Path(__file__).resolve().parents[1] / "experiments" / "bounds.toml")
+    bounds, settings = load_bounds(Path(__file__).resolve().parents[1] / "checks" / "bounds.toml")
     assert bounds.names() == ALL.names() and settings.dtype == "bfloat16"
 
 

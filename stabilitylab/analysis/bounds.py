@@ -24,7 +24,7 @@ settings.position (stabilitylab.analysis.maps.at_position), as the trainer's ana
 A measurement that fails (a state that overflowed, a solver that did not converge) fails
 its bound, with the reason.
 
-    bounds, settings = load_bounds("experiments/bounds.toml")
+    bounds, settings = load_bounds("checks/bounds.toml")
     report = check_bounds(model, bounds, settings, tokens=x, targets=y, h0=h0)
     print(report.table()); report.passed; report.to_dict(); report.junit()
 """
@@ -217,7 +217,7 @@ def load_bounds(path: str | Path) -> tuple[Bounds, CheckSettings]:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError("bounds", f"{path} does not exist", "pass a bounds TOML file, e.g. "
-                          "experiments/bounds.toml") from None
+                          "checks/bounds.toml") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError("bounds", f"cannot read {path} ({err})", "pass a readable TOML file") from None
     except tomllib.TOMLDecodeError as err:
