@@ -57,7 +57,8 @@ class LoopAnalysis:
         if self.jacobian:
             j = self.jacobian
             moduli = " ".join(f"{m:.4f}" for m in np.abs(j.eigenvalues))
-            lines.append(f"  Jacobian   ρ(∂F/∂h) = {j.radius:.6g}   |λ|: {moduli}   ({j.method}, {j.jvps} JVPs, n = {j.dim})")
+            lines.append(f"  Jacobian   ρ(∂F/∂h) = {j.radius:.6g}   |λ|: {moduli}   "
+                         f"({j.method}, {j.jvps} JVPs, n = {j.dim})")
         if self.lyapunov:
             lines.append("  Lyapunov   λ = " + " ".join(f"{x:+.4f}" for x in self.lyapunov.exponents)
                          + f"   (per iteration, over {self.lyapunov.steps} iterations)")

@@ -368,7 +368,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         try:
             Path(args.junit).write_text(report.junit())
         except OSError as err:
-            raise ConfigError("--junit", f"cannot write {args.junit}: {err.strerror}", "pass a writable path") from None
+            raise ConfigError("--junit", f"cannot write {args.junit}: {err.strerror}",
+                              "pass a writable path") from None
     return 0 if report.passed else 1
 
 

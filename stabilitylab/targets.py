@@ -41,6 +41,7 @@ from torch import Tensor
 
 from stabilitylab.analysis.bounds import BATCH_BOUNDS, Bounds, CheckReport, CheckSettings, check_bounds
 from stabilitylab.config import ConfigError
+from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig, build_experiment
 from stabilitylab.model import LoopedLM
 from stabilitylab.model.imports import is_parcae_checkpoint, load_parcae_checkpoint
@@ -70,10 +71,11 @@ class Batch:
 
 @dataclass
 class Target:
-    """A loaded target. model: eval mode, float32, CPU; kind: one of KINDS; path: what was
-    given, resolved; step: the checkpoint's training step (None for a parcae_lm directory or a
-    loose checkpoint file); run: the run to record analysis into (None outside a run);
-    experiment: the run's config (None for a parcae_lm directory)."""
+    """A loaded target. model: eval mode, float32, CPU; kind: one of KINDS; path: the run
+    directory, checkpoint file or parcae_lm directory; step: the checkpoint's training step
+    (None for a parcae_lm directory or a loose checkpoint file); run: the run to record
+    analysis into (None outside a run); experiment: the run's config (None for a parcae_lm
+    directory)."""
 
     model: LoopedLM
     kind: str
@@ -100,7 +102,7 @@ class Target:
         elif self.experiment is not None:
             x, y = _corpus_windows(self.experiment, batch_size, seq_len)
         else:
-            length = min(seq_len or DEFAULT_SEQ_LEN, cfg.block_size)
+            length = seq_len or min(DEFAULT_SEQ_LEN, cfg.block_size)
             generator = torch.Generator().manual_seed(seed or 0)
             chunk = torch.randint(0, cfg.vocab_size, (batch_size, length + 1), generator=generator)
             x, y = chunk[:, :-1], chunk[:, 1:]
@@ -194,13 +196,12 @@ def _model(exp: ExperimentConfig, weights: Path) -> LoopedLM:
     try:
         return LoopedLM.from_state_dict(exp.model, state).eval()
     except RuntimeError as err:
-        raise TargetError(weights, f"the weights do not fit the run's [model] config ({' '.join(str(err).split())[:300]})",
+        detail = " ".join(str(err).split())[:300]
+        raise TargetError(weights, f"the weights do not fit the run's [model] config ({detail})",
                           "pair the file with the config of the run that wrote it") from None
 
 
 def _corpus_windows(exp: ExperimentConfig, batch_size: int, seq_len: int | None) -> tuple[Tensor, Tensor]:
-    from stabilitylab.data import prepare
-
     full = exp.data.seq_len
     if seq_len is not None and not 1 <= seq_len <= full:
         raise ConfigError("seq_len", f"{seq_len} is outside 1..{full}, the run's data.seq_len",

@@ -119,9 +119,12 @@ def _check(model_or_target: Any, bounds: Any, tokens: Tensor | None, targets: Te
     from stabilitylab.targets import check_target
 
     bounds, settings = (bounds, CheckSettings()) if isinstance(bounds, Bounds) else load_bounds(bounds)
-    if isinstance(model_or_target, (str, Path)):
-        return check_target(model_or_target, bounds, settings, tokens)
-    return check_bounds(model_or_target, bounds, settings, tokens, targets, h0)
+    if not isinstance(model_or_target, (str, Path)):
+        return check_bounds(model_or_target, bounds, settings, tokens, targets, h0)
+    if not (tokens is None and targets is None and h0 is None):
+        raise ValueError("a target path brings its own batch (docs/checks.md, Targets); to check on your own "
+                         "tokens, load the model (stabilitylab.targets.load_target(path).model) and pass it")
+    return check_target(model_or_target, bounds, settings)
 
 
 # ---- the pytest plugin --------------------------------------------------------------------------------

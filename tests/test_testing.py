@@ -88,14 +88,15 @@ def test_assert_depth_extrapolates_compares_the_losses_at_one_and_two_mu():
         assert_depth_extrapolates(tiny("parcae"), X, Y, tolerance=result.measured - 1e-3)
 
 
-def test_assert_within_bounds_checks_a_whole_file_on_a_model_or_a_run(pushed_lab, monkeypatch):
+def test_assert_within_bounds_checks_a_whole_file_on_a_model_or_a_run(pushed_lab):
     report = assert_within_bounds(tiny("parcae"), ROOT / "checks" / "bounds.toml", tokens=X, targets=Y)
     assert report.passed and len(report.results) == 7
-    monkeypatch.chdir(pushed_lab)  # run ids resolve in the lab "runs"; a path works from anywhere
     assert_within_bounds(pushed_lab / "stable-dense", Bounds(rho_margin=0.0, max_lyapunov=0.0))
     with pytest.raises(StabilityError) as err:
         assert_within_bounds(pushed_lab / "concat", Bounds(rho_margin=0.0, max_readout_norm=100.0))
     assert "rho_margin" in str(err.value) and "1 of 2 bounds fail: rho_margin" in str(err.value)
+    with pytest.raises(ValueError, match="a target path brings its own batch"):
+        assert_within_bounds(pushed_lab / "concat", Bounds(max_lyapunov=0.0), tokens=X)
 
 
 # ---- the pytest plugin, in a pytest of its own -------------------------------------------------------------
