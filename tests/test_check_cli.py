@@ -4,6 +4,7 @@ parcae_lm directories; exit codes 0 / 1 / 2, JSON and JUnit outputs, and the ana
 recorded where the dashboard reads it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -170,8 +171,9 @@ def test_an_exploding_parcae_lm_model_fails_check_and_analyze(capsys, exploding_
 
 def test_the_console_script_exits_with_the_verdict(exploding_dir, tmp_path):
     junit = tmp_path / "check.xml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a small model: one thread is fastest on a shared machine
     done = subprocess.run([Path(sys.executable).with_name("stabilitylab"), "check", exploding_dir, "--bounds",
-                           BOUNDS, "--junit", junit], capture_output=True, text=True)
+                           BOUNDS, "--junit", junit], capture_output=True, text=True, env=env)
     assert done.returncode == 1, done.stderr
     assert ET.parse(junit).getroot().find("testsuite").get("failures") != "0"
 

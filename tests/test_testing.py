@@ -133,29 +133,28 @@ def run_pytest(where: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env)
 
 
-def test_the_plugin_offers_the_fixture_marker_and_option_to_a_users_suite(tmp_path):
-    (tmp_path / "bounds.toml").write_text("[bounds]\nrho_margin = 0.0\nmax_state_growth = 1.5\n")
-    (tmp_path / "strict.toml").write_text("[bounds]\nrho_margin = 0.0\nmax_jacobian_radius = 1.0\n")
-    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
-    done = run_pytest(tmp_path, "test_user.py", "--stability-bounds", "strict.toml")
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "1 failed, 2 passed" in done.stdout
-    assert "FAILED test_user.py::test_fixture_with_option_fails" in done.stdout
-    assert "max_jacobian_radius" in done.stdout and "ρ(Ā) in float32  1.2" in done.stdout
-
-
-def test_the_plugin_turns_each_bound_of_each_target_into_a_test(tmp_path):
+def test_the_plugin_checks_inside_a_users_pytest_by_fixture_marker_and_per_target_items(tmp_path):
+    """One pytest run: the user's tests (a helper, the fixture with the marker's bounds, the fixture
+    with --stability-bounds), and one item per bound of each --stability-target."""
     torch.manual_seed(0)
     save_parcae_checkpoint(LoopedLM(ModelConfig(vocab_size=96, block_size=32, d_model=64, n_heads=2, n_prelude=1,
                                                 n_core=2, n_coda=1, mean_recurrence=4, backprop_depth=2,
                                                 value_embed_layers=(1, 3))), tmp_path / "model")
-    (tmp_path / "bounds.toml").write_text("[bounds]\nrho_margin = 0.5\nmax_input_norm = 0.5\nmax_lyapunov = 0.0\n")
-    done = run_pytest(tmp_path, "--stability-bounds", "bounds.toml", "--stability-target", "model",
-                      "--stability-target", "missing", "-rA")
+    (tmp_path / "bounds.toml").write_text("[bounds]\nrho_margin = 0.0\nmax_state_growth = 1.5\n")
+    (tmp_path / "strict.toml").write_text("[bounds]\nrho_margin = 0.5\nmax_input_norm = 0.5\n"
+                                          "max_jacobian_radius = 1.0\n")
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    done = run_pytest(tmp_path, "test_user.py", "--stability-bounds", "strict.toml", "--stability-target", "model",
+                      "--stability-target", "missing")
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "4 failed, 2 passed" in done.stdout
-    assert "FAILED stability[model::max_input_norm]" in done.stdout
+    assert "5 failed, 4 passed" in done.stdout
+    failed = sorted(line.split(" - ")[0] for line in done.stdout.splitlines() if line.startswith("FAILED"))
+    assert failed == ["FAILED stability[missing::max_input_norm]", "FAILED stability[missing::max_jacobian_radius]",
+                      "FAILED stability[missing::rho_margin]", "FAILED stability[model::max_input_norm]",
+                      "FAILED test_user.py::test_fixture_with_option_fails"]
+    # the fixture fails with the whole table; an item with its bound's line; a bad target with the reason
+    assert "ρ(Ā) in float32  1.2       < 0.5" in done.stdout
     assert "max_input_norm: ‖B̄‖₂ = 0.804719, allowed ≤ 0.5 (margin -0.304719): FAILS" in done.stdout
-    assert "missing: target: is not a run directory, a run id in lab runs" in done.stdout  # the reason, no traceback
+    assert "missing: target: is not a run directory, a run id in lab runs" in done.stdout
     done = run_pytest(tmp_path, "--stability-target", "model")
     assert done.returncode == 4 and "--stability-target needs --stability-bounds FILE" in done.stderr
