@@ -1,5 +1,6 @@
 """Shared test settings: deterministic torch, no hypothesis deadlines (the machine is noisy)."""
 
+import contextlib
 import os
 
 import pytest
@@ -32,9 +33,28 @@ PUSHED_RUNS = {
 }
 
 
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models: they gain nothing from a second one, and
+    on a loaded 2-core machine two OpenMP threads wait on each other (a tiny `check` measured
+    9 s with two threads at load average 7, 0.2 s with one)."""
+    with threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def pushed_lab(tmp_path_factory, corpus_cache):
-    """A lab of PUSHED_RUNS trained through the trainer (about 20 s on 2 cores)."""
+    """A lab of PUSHED_RUNS trained through the trainer (4 s on one thread)."""
     from pathlib import Path
 
     from stabilitylab.experiment import load_experiment
@@ -42,6 +62,7 @@ def pushed_lab(tmp_path_factory, corpus_cache):
 
     lab = tmp_path_factory.mktemp("pushed-lab")
     tiny = Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml"
-    for run_id, sets in PUSHED_RUNS.items():
-        train(load_experiment(tiny, [f"data.cache_dir={corpus_cache}", *sets]), lab, run_id, progress=False)
+    with threads(1):
+        for run_id, sets in PUSHED_RUNS.items():
+            train(load_experiment(tiny, [f"data.cache_dir={corpus_cache}", *sets]), lab, run_id, progress=False)
     return lab

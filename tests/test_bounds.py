@@ -17,6 +17,8 @@ from stabilitylab.analysis.bounds import (Bounds, CheckSettings, check_bounds, d
 from stabilitylab.config import ConfigError, ModelConfig
 from stabilitylab.model import STABLE_BY_CONSTRUCTION, LoopedLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DECAY = math.sqrt(1 / 5)  # every diagonal injection's Ā at init
 
 

@@ -23,6 +23,8 @@ from stabilitylab.store import open_run
 from stabilitylab.targets import TargetError, load_target
 from test_imports import build_reference, needs_ref, parcae_lm  # the authors' models, if the ref is set
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 BOUNDS = ROOT / "checks" / "bounds.toml"
 # a small parcae_lm-expressible model (value embeddings where parcae_lm applies them)

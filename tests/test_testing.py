@@ -20,6 +20,8 @@ from stabilitylab.testing import (StabilityError, assert_contractive, assert_dep
                                   assert_jacobian_radius_below, assert_lyapunov_below, assert_state_bounded,
                                   assert_within_bounds)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 DECAY = 0.4472136  # Ā = √(1/5) at init
 
