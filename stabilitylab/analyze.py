@@ -80,7 +80,7 @@ def analyze(target: Target, jacobian: bool = True, lyapunov: bool = True, depth:
     depth = resolve_depth(probes.trace_depth, model.cfg.mean_recurrence) if depth is None else depth
     if depth < 1:
         raise ConfigError("depth", f"must be ≥ 1, got {depth}", "pass --depth 1 or more")
-    batch = target.batch(batch_size or probes.batch_size, seq_len, seed, tokens)
+    batch = target.batch(probes.batch_size if batch_size is None else batch_size, seq_len, seed, tokens)
     B, T = batch.tokens.shape
     if not -T <= position < T:
         raise ConfigError("position", f"{position} is outside a sequence of {T} tokens",

@@ -95,22 +95,22 @@ class Target:
         shorter one truncates its windows) or DEFAULT_SEQ_LEN; seed: None = the run's
         train.seed, or 0. `tokens` replace the corpus or random tokens."""
         cfg = self.model.cfg
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"must be ≥ 1, got {batch_size}")
+        if batch_size < 1 or (seq_len is not None and seq_len < 1):
+            raise ConfigError("batch", f"batch_size {batch_size} × seq_len {seq_len} is empty", "pass sizes ≥ 1")
+        if seed is None:
+            seed = self.experiment.train.seed if self.experiment is not None else 0
         if tokens is not None:
             x, y = _split_tokens(tokens, cfg.vocab_size)
         elif self.experiment is not None:
             x, y = _corpus_windows(self.experiment, batch_size, seq_len)
         else:
-            length = seq_len or min(DEFAULT_SEQ_LEN, cfg.block_size)
-            generator = torch.Generator().manual_seed(seed or 0)
+            length = min(DEFAULT_SEQ_LEN, cfg.block_size) if seq_len is None else seq_len
+            generator = torch.Generator().manual_seed(seed)
             chunk = torch.randint(0, cfg.vocab_size, (batch_size, length + 1), generator=generator)
             x, y = chunk[:, :-1], chunk[:, 1:]
         if x.shape[1] > cfg.block_size:
             raise ConfigError("seq_len", f"{x.shape[1]} tokens exceed the model's block_size {cfg.block_size}",
                               "pass shorter sequences")
-        if seed is None:
-            seed = self.experiment.train.seed if self.experiment is not None else 0
         weight = next(self.model.parameters())
         generator = torch.Generator().manual_seed(seed ^ PROBE_SALT)
         h0 = self.model.draw_state(tuple(x.shape), weight.device, weight.dtype, generator)
