@@ -280,6 +280,107 @@ def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
     return out
 
 
+def _add_events(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("events", help="loss spikes, divergence and early warnings (with lead times) of runs")
+    p.add_argument("target", help="a run (directory, or run id inside --lab) or a lab (every run in it)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    p.add_argument("--write", action="store_true",
+                   help="log early_warning events (and spikes / divergence the run lacks) into each run, and "
+                        "the report as its result 'events'; what the trainer recorded stays")
+    from stabilitylab.analysis.events import WarningRules
+
+    defaults = WarningRules()
+    p.add_argument("--rho", type=float, default=defaults.rho, help="warn at ρ(Ā) ≥ this (default %(default)g)")
+    p.add_argument("--rate", type=float, default=defaults.rate,
+                   help="warn at a loop-trace contraction rate q ≥ this (default %(default)g)")
+    p.add_argument("--horizon", type=float, default=defaults.horizon,
+                   help="warn when ‖h_T‖'s trend reaches the bound within this many steps (default %(default)g)")
+    p.add_argument("--patience", type=int, default=defaults.patience,
+                   help="measurements in a row a signal must hold for (default %(default)d)")
+    p.set_defaults(handler=_cmd_events)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    """Analyse each run's history (analysis.events) and print what it found."""
+    from pathlib import Path
+
+    from stabilitylab.analysis.events import WarningRules, analyse_run, warning_table
+    from stabilitylab.store import DB_NAME, find_runs, open_run
+
+    target = Path(args.target)
+    lab_runs = not (target / DB_NAME).is_file() and target.is_dir() and find_runs(target)
+    runs = lab_runs or [open_run(args.target, args.lab)]
+    try:
+        rules = WarningRules(rho=args.rho, rate=args.rate, horizon=args.horizon, patience=args.patience)
+    except ValueError as err:
+        print(f"stabilitylab events: {err}", file=sys.stderr)
+        return 2
+    reports = []
+    for run in runs:
+        try:
+            report = analyse_run(run, rules)
+        except ValueError as err:
+            print(f"{run.id}: skipped ({err})")
+            continue
+        reports.append(report)
+        print(_events_text(run.id, run.status(), report))
+        if args.write:
+            print(f"  wrote {_write_events(run, report)}")
+    if len(reports) > 1:
+        print("\nwarnings over these runs (recall = early / diverged, precision = early / fired):")
+        print(warning_table(reports).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
+def _events_text(run_id: str, status: dict, report) -> str:
+    """A run's spikes, divergence and warnings, a few lines."""
+    d = report.divergence
+    lines = [f"{run_id}  [{status['status']}]  " + (f"diverges at step {d.step}: {d.detail}" if d else "no divergence")]
+    spikes = report.spikes
+    lines.append(f"  spikes    {len(spikes)}" + (" at steps " + ", ".join(str(s.step) for s in spikes[:10])
+                                                 + (", …" if len(spikes) > 10 else "") if spikes else ""))
+    if report.first:
+        w = report.first[0]
+        lead = (f"{w.lead_steps} steps" + (f" ({w.lead_tokens:.4g} tokens, {w.lead_flops:.3g} FLOPs)"
+                                           if w.lead_tokens is not None and w.lead_flops is not None else "")
+                + (" before the divergence" if w.lead_steps >= 0 else " after the divergence")
+                if w.lead_steps is not None else "no divergence: a false alarm")
+        lines.append(f"  warning   step {w.step} by {', '.join(x.signal for x in report.first)}; {lead}")
+    else:
+        lines.append("  warning   none" + (" (missed)" if d else ""))
+    outcomes = report.outcomes()
+    fired = {w.signal: w for w in report.warnings}
+    for signal in report.signals:
+        w = fired.get(signal)
+        lead = "" if w is None or w.lead_steps is None else f"{w.lead_steps:+d}"
+        lines.append(f"    {signal:<12} {outcomes[signal]:<12} " + (f"step {w.step:<6} lead {lead:<6} {w.detail}"
+                                                                     if w else ""))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _write_events(run, report) -> str:
+    """Log the report's events the run lacks (never touching what is there) and save the
+    report as the run's result 'events'. Returns what was added."""
+    from stabilitylab.analysis.events import DIVERGENCE, EARLY_WARNING, SPIKE
+    from stabilitylab.store import RunWriter
+
+    events = run.events()
+    have = set(zip(events["step"], events["kind"], events["detail"]))
+    kinds_at = set(zip(events["step"], events["kind"]))
+    new = [(w.step, EARLY_WARNING, f"{w.signal}: {w.detail}") for w in report.warnings]
+    new += [(s.step, SPIKE, f"{s.detail} (found offline)") for s in report.spikes if (s.step, SPIKE) not in kinds_at]
+    d = report.divergence
+    if d and (d.step, DIVERGENCE) not in kinds_at:
+        new.append((d.step, DIVERGENCE, f"{d.detail} (found offline)"))
+    new = [e for e in new if e not in have]
+    with RunWriter.attach(run.path) as writer:
+        for step, kind, detail in new:
+            writer.log_event(step, kind, detail)
+        writer.save_result("events", report.to_dict())
+    counts = {k: sum(kind == k for _, kind, _ in new) for k in (EARLY_WARNING, SPIKE, DIVERGENCE)}
+    return ", ".join(f"{n} {k}" for k, n in counts.items()) + " event(s) and the result 'events'"
+
+
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="open the dashboard on a lab (Streamlit, in the browser)")
     p.add_argument("lab", nargs="?", help="lab directory (default: the reference lab, data/reference-lab)")
@@ -311,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_add_trace, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_compact, _add_fit,
-                _add_dashboard):
+                _add_events, _add_dashboard):
         add(sub)
     return parser
 
