@@ -221,26 +221,43 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit a scaling law to a CSV of losses")
-    p.add_argument("csv", help="CSV file, one row per point")
+    p = sub.add_parser("fit", help="fit a scaling law to a CSV of losses, or to a sweep's runs (--lab)")
+    p.add_argument("csv", nargs="?", help="CSV file, one row per point (or --lab instead)")
     p.add_argument("--law", required=True, choices=("chinchilla", "training", "test-time", "unified"))
-    p.add_argument("--form", default="exp", help="test-time form: exp, power1p, power or pure-power")
+    p.add_argument("--form", default="exp", help="test-time form: exp, power1p, power or pure-power (with --lab "
+                                                 "also all)")
     p.add_argument("--columns", default="",
                    help="NAME=column pairs, comma separated, for the names N, D, T, mu_rec, L (default: the "
                         "column of the same name); C=column gives D = C / (6 N) when there is no D")
+    p.add_argument("--lab", help="fit the runs of this lab (their last evaluation) instead of a CSV")
+    p.add_argument("--experiment", help="with --lab: only the runs of this experiment")
+    p.add_argument("--holdout", action="append", default=[], metavar="RUN",
+                   help="with --lab: a run left out of a training or unified fit; its points give the "
+                        "held-out error (repeatable)")
+    p.add_argument("--write", action="store_true",
+                   help="with --lab: save the fits (test-time in each run's results, training / unified / "
+                        "chinchilla as LAB/fits/<experiment>.<law>.json)")
     p.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_fit)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    """Fit a law to a CSV and print its parameters, intervals and in-sample error."""
+    """Fit a law to a CSV or to a lab's runs; print its parameters, intervals and errors."""
     import pandas as pd
 
     from stabilitylab.analysis import scaling
 
-    table = pd.read_csv(args.csv)
+    if (args.csv is None) == (args.lab is None):
+        print("stabilitylab fit: give a CSV file or --lab LAB (one of them)", file=sys.stderr)
+        return 2
+    if args.lab is None and (args.experiment or args.holdout or args.write):
+        print("stabilitylab fit: --experiment, --holdout and --write go with --lab", file=sys.stderr)
+        return 2
     try:
+        if args.lab is not None:
+            return _fit_lab(args)
+        table = pd.read_csv(args.csv)
         law = (scaling.TEST_TIME_FORMS.get(args.form) if args.law == "test-time"
                else {"chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}[args.law])
         if law is None:
@@ -252,6 +269,90 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(f"stabilitylab fit: {err}", file=sys.stderr)
         return 2
     print(fit.table())
+    return 0
+
+
+def _fit_lab(args: argparse.Namespace) -> int:
+    """Fit the points of a lab's finished runs (analysis.sweep.sweep_points)."""
+    from stabilitylab.analysis.sweep import sweep_points
+    from stabilitylab.store import find_runs
+
+    runs = {r.id: r for r in find_runs(args.lab) if args.experiment in (None, r.meta().get("experiment"))}
+    points = sweep_points(runs.values())
+    done = points[points["status"] == "finished"]
+    for run_id, rows in points[points["status"] != "finished"].groupby("run"):
+        print(f"skipped {run_id}: {rows['status'].iloc[0]} (only finished runs are fitted)")
+    if done.empty:
+        raise ValueError(f"no finished run with evaluations in {args.lab}"
+                         + (f" for experiment {args.experiment!r}" if args.experiment else ""))
+    unknown = sorted(set(args.holdout) - set(done["run"]))
+    if unknown:
+        raise ValueError(f"--holdout: {', '.join(unknown)} is not a finished run here (runs: "
+                         f"{', '.join(sorted(set(done['run'])))})")
+    if args.law == "test-time":
+        if args.holdout:
+            raise ValueError("--holdout: the test-time law is fitted per run (T > μ_rec is held out); "
+                             "use --holdout with training, chinchilla or unified")
+        return _fit_depth_curves(args, done, runs)
+    return _fit_across_runs(args, done)
+
+
+def _fit_depth_curves(args: argparse.Namespace, done, runs: dict) -> int:
+    """One test-time fit per run and form on T ≤ μ_rec; its held-out error is the
+    extrapolation error on T > μ_rec. --write saves it as the run's result test_time_fit.<form>."""
+    from stabilitylab.analysis import scaling
+    from stabilitylab.store import RunWriter
+
+    forms = list(scaling.TEST_TIME_FORMS) if args.form == "all" else [args.form]
+    fitted = 0
+    for run_id, rows in done.groupby("run", sort=True):
+        step, mu = int(rows["step"].iloc[0]), int(rows["mu_rec"].iloc[0])
+        for form in forms:
+            try:
+                fit = scaling.fit_test_time(rows["T"], rows["L"], form, holdout=(rows["T"] > mu).to_numpy(),
+                                            bootstrap=args.bootstrap, seed=args.seed)
+            except ValueError as err:
+                print(f"skipped {run_id} ({form}): {err}", file=sys.stderr)
+                continue
+            fitted += 1
+            print(f"{run_id}: step {step}, fitted on T ≤ μ_rec = {mu}, held out T > {mu}\n{fit.table()}")
+            if args.write:
+                with RunWriter.attach(runs[run_id].path) as writer:
+                    writer.save_result(f"test_time_fit.{form}", {**fit.to_dict(), "step": step, "mu_rec": mu})
+    return 0 if fitted else 2
+
+
+def _fit_across_runs(args: argparse.Namespace, done) -> int:
+    """training / chinchilla: the points at T = μ_rec; unified: every point, T > μ_rec held
+    out. --holdout runs are held out too. --write saves LAB/fits/<experiment>.<law>.json."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from stabilitylab.analysis import scaling
+
+    if args.law == "unified":
+        rows = done
+        held = (rows["T"] > rows["mu_rec"]).to_numpy() | rows["run"].isin(args.holdout).to_numpy()
+        fit = scaling.fit_unified(rows["N"], rows["D"], rows["T"], rows["mu_rec"], rows["L"], holdout=held,
+                                  bootstrap=args.bootstrap, seed=args.seed)
+    else:
+        rows = done[done["T"] == done["mu_rec"]]
+        for run_id in sorted(set(done["run"]) - set(rows["run"])):
+            print(f"skipped {run_id}: no evaluation at T = μ_rec")
+        held = rows["run"].isin(args.holdout).to_numpy()
+        law = scaling.TRAINING if args.law == "training" else scaling.CHINCHILLA
+        fit = scaling.fit_law(law, rows["L"], N=rows["N"], D=rows["D"], holdout=held, bootstrap=args.bootstrap,
+                              seed=args.seed)
+    print(f"{rows['run'].nunique()} runs, {len(rows)} points ({int(held.sum())} held out)\n{fit.table()}")
+    if args.write:
+        path = Path(args.lab) / "fits" / f"{args.experiment or 'all'}.{args.law}.json"
+        path.parent.mkdir(exist_ok=True)
+        doc = {**fit.to_dict(), "lab": str(args.lab), "experiment": args.experiment, "holdout": sorted(args.holdout),
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "points": rows.assign(held_out=held).to_dict(orient="records")}
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
     return 0
 
 
