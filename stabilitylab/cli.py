@@ -445,7 +445,8 @@ def _events_text(run_id: str, status: dict, report) -> str:
         lead = (f"{w.lead_steps} steps" + (f" ({w.lead_tokens:.4g} tokens, {w.lead_flops:.3g} FLOPs)"
                                            if w.lead_tokens is not None and w.lead_flops is not None else "")
                 + (" before the divergence" if w.lead_steps >= 0 else " after the divergence")
-                if w.lead_steps is not None else "no divergence: a false alarm")
+                if w.lead_steps is not None else "no divergence: a false alarm" if w.outcome == "false_alarm"
+                else "no divergence yet (the run has not ended)")
         lines.append(f"  warning   step {w.step} by {', '.join(x.signal for x in report.first)}; {lead}")
     else:
         lines.append("  warning   none" + (" (missed)" if d else ""))

@@ -127,14 +127,16 @@ def test_a_stable_run_has_no_divergence_and_no_warning():
     assert set(report.outcomes().values()) == {"quiet"} and set(report.signals) == {"rho", "state_trend"}
 
 
-def test_a_warning_without_divergence_is_a_false_alarm_and_lowers_precision():
+def test_a_warning_without_divergence_is_a_false_alarm_once_the_run_ends_and_lowers_precision():
     n = 50
     alarm = analyse(history([3.0] * n, [10.0] * n, rho=series([0.9] * 20 + [1.05] * 30)), LIMITS)
     hit = analyse(history([3.0] * n, [10.0] * 30 + [1e5] * 20, rho=series([0.9] * 20 + [1.05] * 30)), LIMITS)
     miss = analyse(history([3.0] * n, [10.0] * 30 + [1e5] * 20, rho=series([0.9] * n)), LIMITS)
+    running = analyse(history([3.0] * n, [10.0] * n, rho=series([0.9] * 20 + [1.05] * 30)), LIMITS, complete=False)
     assert alarm.warnings[0].outcome == "false_alarm" and alarm.warnings[0].lead_steps is None
-    table = warning_table([alarm, hit, miss]).set_index("signal")
-    assert table.loc["rho", ["early", "missed", "false_alarm"]].tolist() == [1, 1, 1]
+    assert running.warnings[0].outcome == "pending" and running.outcomes()["state_trend"] == "pending"
+    table = warning_table([alarm, hit, miss, running]).set_index("signal")
+    assert table.loc["rho", ["early", "missed", "false_alarm", "pending"]].tolist() == [1, 1, 1, 1]
     assert table.loc["rho", "precision"] == 0.5 and table.loc["rho", "recall"] == 0.5
     assert table.loc["rho", "median_lead_steps"] == 10
 

@@ -41,10 +41,11 @@ The run's warning is the earliest signal to fire. Against the divergence step d 
     lead = d − warning step  (also in tokens and FLOPs: the cumulative scalars at d minus at w)
     outcome  early  fired at or before d (lead ≥ 0)      late   fired after d
              missed d exists, never fired               false_alarm  fired, no divergence
-             quiet  neither
+             quiet  neither                             pending  no divergence yet, and the
+                                                        run is not complete (still running, failed)
 
 `warning_table` counts outcomes over runs: recall = early / diverged, precision =
-early / fired — how far the warning can be trusted (PARCAE.md §3 C2).
+early / fired (pending runs left out) — how far the warning can be trusted (PARCAE.md §3 C2).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ import pandas as pd
 
 SPIKE, DIVERGENCE, EARLY_WARNING = "spike", "divergence", "early_warning"  # event kinds (the dashboard marks them)
 SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend")
-OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet")
+OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
 HISTORY_SCALARS = ("loss", "grad_norm", "h_T_norm", "tokens", "flops")
 
 
@@ -284,7 +285,7 @@ class EarlyWarning:
     lead_steps: int | None
     lead_tokens: float | None
     lead_flops: float | None
-    outcome: str  # early, late or false_alarm
+    outcome: str  # early, late, false_alarm or pending
 
 
 def state_forecast(h_norm: pd.Series, bound: float, window: int) -> pd.Series:
@@ -351,6 +352,7 @@ class RunEvents:
     warnings: list[EarlyWarning]
     signals: tuple[str, ...]
     rules: WarningRules
+    complete: bool  # the run ended (finished or diverged): silence is then quiet, not pending
 
     @property
     def first(self) -> list[EarlyWarning]:
@@ -360,7 +362,7 @@ class RunEvents:
     def outcomes(self) -> dict[str, str]:
         """Outcome per judged signal, and "any" for the run's warning."""
         fired = {w.signal: w.outcome for w in self.warnings}
-        silent = "missed" if self.divergence else "quiet"
+        silent = "missed" if self.divergence else "quiet" if self.complete else "pending"
         out = {s: fired.get(s, silent) for s in self.signals}
         out["any"] = self.warnings[0].outcome if self.warnings else silent
         return out
@@ -370,13 +372,15 @@ class RunEvents:
                 "divergence": asdict(self.divergence) if self.divergence else None,
                 "warnings": [asdict(w) for w in self.warnings],
                 "first_signals": [w.signal for w in self.first], "signals": list(self.signals),
-                "outcomes": self.outcomes(), "rules": asdict(self.rules)}
+                "outcomes": self.outcomes(), "rules": asdict(self.rules), "complete": self.complete}
 
 
 def early_warnings(history: History, divergence: Divergence | None, max_state_norm: float,
-                   rules: WarningRules = WarningRules()) -> tuple[list[EarlyWarning], tuple[str, ...]]:
+                   rules: WarningRules = WarningRules(), complete: bool = True
+                   ) -> tuple[list[EarlyWarning], tuple[str, ...]]:
     """Each signal's first firing, earliest first, with its lead before `divergence`; and the
-    signals that had data. `max_state_norm` is the bound the state_trend forecasts."""
+    signals that had data. `max_state_norm` is the bound the state_trend forecasts; without a
+    divergence a firing is a false alarm if the run is `complete`, else pending."""
     warnings = []
     signals = _signals(history, rules, max_state_norm)
     for name, (values, fires, text) in signals.items():
@@ -386,7 +390,7 @@ def early_warnings(history: History, divergence: Divergence | None, max_state_no
         step, value = int(values.index[i]), float(values.iloc[i])
         detail = text.format(value) + (f" for {rules.patience} probes" if rules.patience > 1 else "")
         lead = tokens = flops = None
-        outcome = "false_alarm"
+        outcome = "false_alarm" if complete else "pending"
         if divergence:
             lead = divergence.step - step
             tokens, flops = (_difference(history.scalars.get(n), step, divergence.step) for n in ("tokens", "flops"))
@@ -403,21 +407,25 @@ def _difference(series: pd.Series | None, start: int, stop: int) -> float | None
     return float(series[stop] - series[start])
 
 
-def analyse(history: History, limits: DivergenceRules, rules: WarningRules = WarningRules()) -> RunEvents:
-    """Spikes, divergence and early warnings of one history. Spikes are searched as the
-    trainer searches them: a terminal step (non-finite loss or gradient) is not checked."""
+def analyse(history: History, limits: DivergenceRules, rules: WarningRules = WarningRules(),
+            complete: bool = True) -> RunEvents:
+    """Spikes, divergence and early warnings of one history (`complete`: the run has ended).
+    Spikes are searched as the trainer searches them: a terminal step (non-finite loss or
+    gradient) is not checked."""
     divergence = find_divergence(history.scalars, limits)
     loss = history.scalars["loss"]
     if divergence and divergence.rule == "non_finite":
         loss = loss[loss.index < divergence.step]
     spikes = find_spikes(loss, limits.spike_window, limits.spike_k)
-    warnings, signals = early_warnings(history, divergence, limits.max_state_norm, rules)
-    return RunEvents(spikes, divergence, warnings, signals, rules)
+    warnings, signals = early_warnings(history, divergence, limits.max_state_norm, rules, complete)
+    return RunEvents(spikes, divergence, warnings, signals, rules, complete)
 
 
 def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
-    """`analyse` on a store Run, under the divergence settings it was trained with."""
-    return analyse(History.from_run(run), DivergenceRules.from_config(run.config()), rules)
+    """`analyse` on a store Run, under the divergence settings it was trained with; complete
+    once its status is finished or diverged."""
+    complete = run.status()["status"] in ("finished", "diverged")
+    return analyse(History.from_run(run), DivergenceRules.from_config(run.config()), rules, complete)
 
 
 def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
