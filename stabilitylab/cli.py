@@ -406,7 +406,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stabilitylab.analysis.events import WarningRules, analyse_run, warning_table
-    from stabilitylab.store import DB_NAME, find_runs, open_run
+    from stabilitylab.store import DB_NAME, StoreError, find_runs, open_run
 
     target = Path(args.target)
     lab_runs = not (target / DB_NAME).is_file() and target.is_dir() and find_runs(target)
@@ -420,13 +420,13 @@ def _cmd_events(args: argparse.Namespace) -> int:
     for run in runs:
         try:
             report = analyse_run(run, rules)
-        except ValueError as err:
+        except (StoreError, ValueError) as err:
             print(f"{run.id}: skipped ({err})")
             continue
         reports.append(report)
         print(_events_text(run.id, run.status(), report))
         if args.write:
-            print(f"  wrote {_write_events(run, report)}")
+            print("  not written: a process is training it" if run.alive() else f"  wrote {_write_events(run, report)}")
     if len(reports) > 1:
         print("\nwarnings over these runs (recall = early / diverged, precision = early / fired):")
         print(warning_table(reports).to_string(index=False, float_format=lambda v: f"{v:.3g}"))

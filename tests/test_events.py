@@ -322,6 +322,20 @@ def test_events_over_a_lab_prints_every_run_and_the_precision_table(tmp_path, ca
     assert "a  [diverged]" in out and "b  [finished]  no divergence" in out and "precision" in out
 
 
+def test_events_write_leaves_a_run_in_training_alone_and_skips_an_unreadable_one(tmp_path, capsys):
+    synthetic_run(tmp_path, "done")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.db").write_bytes(b"not a database")
+    with RunWriter.create(tmp_path, "live", {"divergence": asdict(LIMITS)}, experiment="synthetic") as w:
+        w.log(1, {"loss": 3.0})
+        w.flush()
+        assert main(["events", str(tmp_path), "--write"]) == 0
+        assert open_run("live", tmp_path).events().empty
+    out = capsys.readouterr().out
+    assert "broken: skipped" in out and "not written: a process is training it" in out
+    assert "early_warning" in " ".join(open_run("done", tmp_path).events()["kind"])
+
+
 def test_the_dashboard_marks_every_event_kind_the_analysis_writes():
     sys.path.insert(0, str(REPO / "apps"))
     try:
