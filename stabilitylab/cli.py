@@ -442,12 +442,7 @@ def _events_text(run_id: str, status: dict, report) -> str:
                                                  + (", …" if len(spikes) > 10 else "") if spikes else ""))
     if report.first:
         w = report.first[0]
-        lead = (f"{w.lead_steps} steps" + (f" ({w.lead_tokens:.4g} tokens, {w.lead_flops:.3g} FLOPs)"
-                                           if w.lead_tokens is not None and w.lead_flops is not None else "")
-                + (" before the divergence" if w.lead_steps >= 0 else " after the divergence")
-                if w.lead_steps is not None else "no divergence: a false alarm" if w.outcome == "false_alarm"
-                else "no divergence yet (the run has not ended)")
-        lines.append(f"  warning   step {w.step} by {', '.join(x.signal for x in report.first)}; {lead}")
+        lines.append(f"  warning   step {w.step} by {', '.join(x.signal for x in report.first)}; {_lead_text(w)}")
     else:
         lines.append("  warning   none" + (" (missed)" if d else ""))
     outcomes = report.outcomes()
@@ -458,6 +453,15 @@ def _events_text(run_id: str, status: dict, report) -> str:
         lines.append(f"    {signal:<12} {outcomes[signal]:<12} " + (f"step {w.step:<6} lead {lead:<6} {w.detail}"
                                                                      if w else ""))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _lead_text(w) -> str:
+    """How far a warning came before the divergence, or that there was none (yet)."""
+    if w.lead_steps is None:
+        return "no divergence: a false alarm" if w.outcome == "false_alarm" else "no divergence yet (the run has not ended)"
+    seen = (f" ({w.lead_tokens:.4g} tokens, {w.lead_flops:.3g} FLOPs)"
+            if w.lead_tokens is not None and w.lead_flops is not None else "")
+    return f"{abs(w.lead_steps)} steps{seen} {'before' if w.lead_steps >= 0 else 'after'} the divergence"
 
 
 def _write_events(run, report) -> str:
