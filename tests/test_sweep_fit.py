@@ -117,6 +117,13 @@ def test_the_unified_law_holds_out_deeper_evaluations_and_recovers_its_parameter
     assert held and all(p["T"] > p["mu_rec"] for p in held) and doc["held_out_error"] < 1e-4
 
 
+def test_a_run_without_a_model_config_is_refused_by_name(tmp_path):
+    with RunWriter.create(tmp_path, "foreign", {}, experiment="x") as w:
+        w.log_eval(1, 1, {"val_loss": 3.0})
+    with pytest.raises(ValueError, match="foreign: its config has no \\[model\\] table"):
+        sweep_points(find_runs(tmp_path))
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give a CSV file or --lab LAB"),
     (["x.csv", "--lab", "L"], "give a CSV file or --lab LAB"),

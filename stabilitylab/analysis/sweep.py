@@ -43,7 +43,9 @@ def sweep_points(runs: Iterable[Any]) -> pd.DataFrame:
         step = int(evals["step"].max())
         last = evals[evals["step"] == step]
         meta = run.meta()
-        model = meta["config"]["model"]
+        model = meta["config"].get("model")
+        if model is None:
+            raise ValueError(f"{run.path}: its config has no [model] table, so N(μ_rec) is unknown; leave it out")
         key = json.dumps(model, sort_keys=True)
         if key not in counts:
             counts[key] = count_parameters(from_dict(ModelConfig, model, run.path / "config.json", "model"))
