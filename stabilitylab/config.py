@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass
@@ -30,6 +31,20 @@ class ConfigError(ValueError):
         """The same error, with the file and the TOML section it came from."""
         name = f"{section}.{self.field}" if section and not self.field.startswith(section + ".") else self.field
         return ConfigError(name, self.problem, self.fix, source or self.source)
+
+
+def read_toml(path: str | Path, field: str, example: str) -> dict[str, Any]:
+    """The tables of a TOML file. A missing, unreadable or malformed file raises a ConfigError
+    that names the file and what to pass instead (e.g. `example`)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(field, f"{path} does not exist", f"Pass a TOML file, e.g. {example}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(field, f"cannot read {path} ({err})", "Pass a readable TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("syntax", f"not valid TOML: {err}", "Fix the line it names", source=path) from None
 
 
 def check_choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:

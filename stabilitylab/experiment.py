@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stabilitylab.config import ConfigError, ModelConfig, from_dict
+from stabilitylab.config import ConfigError, ModelConfig, from_dict, read_toml
 from stabilitylab.data import DataConfig
 from stabilitylab.train.config import DivergenceConfig, ProbeConfig, TrainConfig, resolve_depth
 
@@ -89,13 +89,7 @@ class Cell:
 def read_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw tables of an experiment file with `--set key=value` overrides applied."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("experiment", f"{path} does not exist", "Pass the path of a TOML file, "
-                          "e.g. experiments/quick.toml") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("syntax", f"not valid TOML: {err}", "Fix the line it names", source=path) from None
+    raw = read_toml(path, "experiment", "experiments/quick.toml")
     raw.setdefault("name", path.stem)
     for item in sets:
         key, value = parse_set(item)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import Tensor
 
 from stabilitylab.analysis.lyapunov import loop_lyapunov
 from stabilitylab.analysis.spectra import FLOAT_DTYPES, eigenvalues, loop_jacobian, spectral_radius
-from stabilitylab.config import ConfigError, check_choice, from_dict
+from stabilitylab.config import ConfigError, check_choice, from_dict, read_toml
 from stabilitylab.model import Depth, Injection, LoopedLM
 
 JACOBIAN_K = 4  # leading eigenvalues the Jacobian bound asks of the solver (the radius is the first)
@@ -213,15 +212,7 @@ def load_bounds(path: str | Path) -> tuple[Bounds, CheckSettings]:
     file and the field: a syntax error, an unknown table, an unknown bound (listing the
     allowed ones), a wrong type or value, no bound at all."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("bounds", f"{path} does not exist", "pass a bounds TOML file, e.g. "
-                          "checks/bounds.toml") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError("bounds", f"cannot read {path} ({err})", "pass a readable TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("syntax", f"not valid TOML: {err}", "fix the line it names", source=path) from None
+    raw = read_toml(path, "bounds", "checks/bounds.toml")
     unknown = sorted(set(raw) - {"bounds", "settings"})
     if unknown:
         raise ConfigError(unknown[0], "unknown table or key", "a bounds file has a [bounds] table and an optional "
