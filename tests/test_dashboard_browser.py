@@ -121,9 +121,11 @@ def test_a_run_being_written_grows_on_screen_without_a_reload(tmp_path):
         with serve(tmp_path / "lab", tmp_path / "streamlit.log") as url, chromium_page() as page:
             page.goto(f"{url}/compare")
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1")
-            last_step = "document.querySelector('.js-plotly-plot')._fullLayout.xaxis.range[1]"
+            # null-safe: a live redraw briefly replaces the chart element
+            last_step = "document.querySelector('.js-plotly-plot')?._fullLayout?.xaxis?.range?.[1] ?? -1"
+            page.wait_for_function(f"({last_step}) >= 0")
             first = page.evaluate(last_step)
-            page.wait_for_function(f"{last_step} > {first} + 50")  # live refresh redrew it, no reload
+            page.wait_for_function(f"({last_step}) > {first} + 50")  # live refresh redrew it, no reload
             assert page.locator('[data-testid="stException"]').count() == 0
     finally:
         stop.set()
