@@ -221,26 +221,43 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit a scaling law to a CSV of losses")
-    p.add_argument("csv", help="CSV file, one row per point")
+    p = sub.add_parser("fit", help="fit a scaling law to a CSV of losses, or to a sweep's runs (--lab)")
+    p.add_argument("csv", nargs="?", help="CSV file, one row per point (or --lab instead)")
     p.add_argument("--law", required=True, choices=("chinchilla", "training", "test-time", "unified"))
-    p.add_argument("--form", default="exp", help="test-time form: exp, power1p, power or pure-power")
+    p.add_argument("--form", default="exp", help="test-time form: exp, power1p, power or pure-power (with --lab "
+                                                 "also all)")
     p.add_argument("--columns", default="",
                    help="NAME=column pairs, comma separated, for the names N, D, T, mu_rec, L (default: the "
                         "column of the same name); C=column gives D = C / (6 N) when there is no D")
+    p.add_argument("--lab", help="fit the runs of this lab (their last evaluation) instead of a CSV")
+    p.add_argument("--experiment", help="with --lab: only the runs of this experiment")
+    p.add_argument("--holdout", action="append", default=[], metavar="RUN",
+                   help="with --lab: a run left out of a training or unified fit; its points give the "
+                        "held-out error (repeatable)")
+    p.add_argument("--write", action="store_true",
+                   help="with --lab: save the fits (test-time in each run's results, training / unified / "
+                        "chinchilla as LAB/fits/<experiment>.<law>.json)")
     p.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_fit)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    """Fit a law to a CSV and print its parameters, intervals and in-sample error."""
+    """Fit a law to a CSV or to a lab's runs; print its parameters, intervals and errors."""
     import pandas as pd
 
     from stabilitylab.analysis import scaling
 
-    table = pd.read_csv(args.csv)
+    if (args.csv is None) == (args.lab is None):
+        print("stabilitylab fit: give a CSV file or --lab LAB (one of them)", file=sys.stderr)
+        return 2
+    if args.lab is None and (args.experiment or args.holdout or args.write):
+        print("stabilitylab fit: --experiment, --holdout and --write go with --lab", file=sys.stderr)
+        return 2
     try:
+        if args.lab is not None:
+            return _fit_lab(args)
+        table = pd.read_csv(args.csv)
         law = (scaling.TEST_TIME_FORMS.get(args.form) if args.law == "test-time"
                else {"chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}[args.law])
         if law is None:
@@ -252,6 +269,90 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(f"stabilitylab fit: {err}", file=sys.stderr)
         return 2
     print(fit.table())
+    return 0
+
+
+def _fit_lab(args: argparse.Namespace) -> int:
+    """Fit the points of a lab's finished runs (analysis.sweep.sweep_points)."""
+    from stabilitylab.analysis.sweep import sweep_points
+    from stabilitylab.store import find_runs
+
+    runs = {r.id: r for r in find_runs(args.lab) if args.experiment in (None, r.meta().get("experiment"))}
+    points = sweep_points(runs.values())
+    done = points[points["status"] == "finished"]
+    for run_id, rows in points[points["status"] != "finished"].groupby("run"):
+        print(f"skipped {run_id}: {rows['status'].iloc[0]} (only finished runs are fitted)")
+    if done.empty:
+        raise ValueError(f"no finished run with evaluations in {args.lab}"
+                         + (f" for experiment {args.experiment!r}" if args.experiment else ""))
+    unknown = sorted(set(args.holdout) - set(done["run"]))
+    if unknown:
+        raise ValueError(f"--holdout: {', '.join(unknown)} is not a finished run here (runs: "
+                         f"{', '.join(sorted(set(done['run'])))})")
+    if args.law == "test-time":
+        if args.holdout:
+            raise ValueError("--holdout: the test-time law is fitted per run (T > μ_rec is held out); "
+                             "use --holdout with training, chinchilla or unified")
+        return _fit_depth_curves(args, done, runs)
+    return _fit_across_runs(args, done)
+
+
+def _fit_depth_curves(args: argparse.Namespace, done, runs: dict) -> int:
+    """One test-time fit per run and form on T ≤ μ_rec; its held-out error is the
+    extrapolation error on T > μ_rec. --write saves it as the run's result test_time_fit.<form>."""
+    from stabilitylab.analysis import scaling
+    from stabilitylab.store import RunWriter
+
+    forms = list(scaling.TEST_TIME_FORMS) if args.form == "all" else [args.form]
+    fitted = 0
+    for run_id, rows in done.groupby("run", sort=True):
+        step, mu = int(rows["step"].iloc[0]), int(rows["mu_rec"].iloc[0])
+        for form in forms:
+            try:
+                fit = scaling.fit_test_time(rows["T"], rows["L"], form, holdout=(rows["T"] > mu).to_numpy(),
+                                            bootstrap=args.bootstrap, seed=args.seed)
+            except ValueError as err:
+                print(f"skipped {run_id} ({form}): {err}", file=sys.stderr)
+                continue
+            fitted += 1
+            print(f"{run_id}: step {step}, fitted on T ≤ μ_rec = {mu}, held out T > {mu}\n{fit.table()}")
+            if args.write:
+                with RunWriter.attach(runs[run_id].path) as writer:
+                    writer.save_result(f"test_time_fit.{form}", {**fit.to_dict(), "step": step, "mu_rec": mu})
+    return 0 if fitted else 2
+
+
+def _fit_across_runs(args: argparse.Namespace, done) -> int:
+    """training / chinchilla: the points at T = μ_rec; unified: every point, T > μ_rec held
+    out. --holdout runs are held out too. --write saves LAB/fits/<experiment>.<law>.json."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from stabilitylab.analysis import scaling
+
+    if args.law == "unified":
+        rows = done
+        held = (rows["T"] > rows["mu_rec"]).to_numpy() | rows["run"].isin(args.holdout).to_numpy()
+        fit = scaling.fit_unified(rows["N"], rows["D"], rows["T"], rows["mu_rec"], rows["L"], holdout=held,
+                                  bootstrap=args.bootstrap, seed=args.seed)
+    else:
+        rows = done[done["T"] == done["mu_rec"]]
+        for run_id in sorted(set(done["run"]) - set(rows["run"])):
+            print(f"skipped {run_id}: no evaluation at T = μ_rec")
+        held = rows["run"].isin(args.holdout).to_numpy()
+        law = scaling.TRAINING if args.law == "training" else scaling.CHINCHILLA
+        fit = scaling.fit_law(law, rows["L"], N=rows["N"], D=rows["D"], holdout=held, bootstrap=args.bootstrap,
+                              seed=args.seed)
+    print(f"{rows['run'].nunique()} runs, {len(rows)} points ({int(held.sum())} held out)\n{fit.table()}")
+    if args.write:
+        path = Path(args.lab) / "fits" / f"{args.experiment or 'all'}.{args.law}.json"
+        path.parent.mkdir(exist_ok=True)
+        doc = {**fit.to_dict(), "lab": str(args.lab), "experiment": args.experiment, "holdout": sorted(args.holdout),
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "points": rows.assign(held_out=held).to_dict(orient="records")}
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
     return 0
 
 
@@ -278,6 +379,203 @@ def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
     if derive_D:
         out["D"] = column("C") / (6 * out["N"])
     return out
+
+
+TARGET_HELP = "a run directory or run id in --lab, a checkpoint file, or a parcae_lm checkpoint directory"
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="Jacobian spectral radius and Lyapunov exponents of the loop at checkpoints; "
+                                       "recorded into the run")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--jacobian", action="store_true", help="the Jacobian spectrum (default: both)")
+    p.add_argument("--lyapunov", action="store_true", help="the Lyapunov exponents (default: both)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
+    p.add_argument("--all-checkpoints", action="store_true", help="every indexed checkpoint of the run")
+    p.add_argument("--depth", type=int, metavar="T", help="loop iterations (default: the run's probes.trace_depth, "
+                                                          "else 2·μ_rec)")
+    p.add_argument("--position", type=int, default=-1, metavar="P", help="token of the per-token view (default -1)")
+    p.add_argument("--batch", type=int, metavar="N", help="sequences (default: the run's probes.batch_size, else 2)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default: the run's data.seq_len, "
+                                                            "else 64 random tokens)")
+    p.add_argument("--seed", type=int, help="random tokens and h_0 (default: the run's train.seed, else 0)")
+    p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to analyse on")
+    p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_analyze)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """Analyse, print, record into the run (when the target is one), exit 1 if an analysis failed."""
+    import json
+    from pathlib import Path
+
+    from stabilitylab.analyze import analyze, record
+    from stabilitylab.targets import checkpoint_steps, load_target, read_tokens
+
+    if args.all_checkpoints and args.checkpoint is not None:
+        raise ConfigError("--all-checkpoints", "and --checkpoint both pick checkpoints", "pass one of them")
+    tokens = read_tokens(args.tokens) if args.tokens else None
+    first = load_target(args.target, args.lab, args.checkpoint)
+    targets = [first]
+    if args.all_checkpoints:
+        if first.run is None:
+            raise ConfigError("--all-checkpoints", f"{first.label} is not in a run", "pass a run, or drop the flag")
+        targets = [first if step == first.step else load_target(first.run.path, args.lab, step)
+                   for step in checkpoint_steps(first.run)]
+    if first.run is not None and first.run.alive():
+        raise StoreError(first.run.path, "is being written by a live trainer", "analyse it once it has stopped")
+    both = not (args.jacobian or args.lyapunov)
+    results = []
+    for target in targets:
+        results.append(analyze(target, jacobian=both or args.jacobian, lyapunov=both or args.lyapunov,
+                               depth=args.depth, position=args.position, batch_size=args.batch,
+                               seq_len=args.seq_len, seed=args.seed, tokens=tokens))
+        print(results[-1].text())
+    if first.run is not None:
+        record(first.run, results)
+        print(f"recorded in {first.run.path}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check stability bounds (ρ(Ā), norms, growth, Jacobian, Lyapunov, depth "
+                                     "loss); exit 1 if one fails")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--bounds", required=True, metavar="FILE", help="bounds TOML, e.g. checks/bounds.toml")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
+    p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to check on")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one testcase per bound")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    p.set_defaults(handler=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """0: every bound holds; 1: one fails; 2: bad input (main)."""
+    import json
+    from pathlib import Path
+
+    from stabilitylab.analysis.bounds import load_bounds
+    from stabilitylab.targets import check_target, read_tokens
+
+    bounds, settings = load_bounds(args.bounds)
+    tokens = read_tokens(args.tokens) if args.tokens else None
+    report = check_target(args.target, bounds, settings, tokens, args.lab, args.checkpoint)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if args.junit:
+        try:
+            Path(args.junit).write_text(report.junit())
+        except OSError as err:
+            raise ConfigError("--junit", f"cannot write {args.junit}: {err.strerror}",
+                              "pass a writable path") from None
+    return 0 if report.passed else 1
+def _add_events(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("events", help="loss spikes, divergence and early warnings (with lead times) of runs")
+    p.add_argument("target", help="a run (directory, or run id inside --lab) or a lab (every run in it)")
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    p.add_argument("--write", action="store_true",
+                   help="log early_warning events (and spikes / divergence the run lacks) into each run, and "
+                        "the report as its result 'events'; what the trainer recorded stays")
+    from stabilitylab.analysis.events import WarningRules
+
+    defaults = WarningRules()
+    p.add_argument("--rho", type=float, default=defaults.rho, help="warn at ρ(Ā) ≥ this (default %(default)g)")
+    p.add_argument("--rate", type=float, default=defaults.rate,
+                   help="warn at a loop-trace contraction rate q ≥ this (default %(default)g)")
+    p.add_argument("--horizon", type=float, default=defaults.horizon,
+                   help="warn when ‖h_T‖'s trend reaches the bound within this many steps (default %(default)g)")
+    p.add_argument("--patience", type=int, default=defaults.patience,
+                   help="measurements in a row a signal must hold for (default %(default)d)")
+    p.set_defaults(handler=_cmd_events)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    """Analyse each run's history (analysis.events) and print what it found."""
+    from pathlib import Path
+
+    from stabilitylab.analysis.events import WarningRules, analyse_run, warning_table
+    from stabilitylab.store import DB_NAME, StoreError, find_runs, open_run
+
+    target = Path(args.target)
+    lab_runs = not (target / DB_NAME).is_file() and target.is_dir() and find_runs(target)
+    runs = lab_runs or [open_run(args.target, args.lab)]
+    try:
+        rules = WarningRules(rho=args.rho, rate=args.rate, horizon=args.horizon, patience=args.patience)
+    except ValueError as err:
+        print(f"stabilitylab events: {err}", file=sys.stderr)
+        return 2
+    reports = []
+    for run in runs:
+        try:
+            report = analyse_run(run, rules)
+        except (StoreError, ValueError) as err:
+            print(f"{run.id}: skipped ({err})")
+            continue
+        reports.append(report)
+        print(_events_text(run.id, run.status(), report))
+        if args.write:
+            print("  not written: a process is training it" if run.alive() else f"  wrote {_write_events(run, report)}")
+    if len(reports) > 1:
+        print("\nwarnings over these runs (recall = early / diverged, precision = early / fired):")
+        print(warning_table(reports).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
+def _events_text(run_id: str, status: dict, report) -> str:
+    """A run's spikes, divergence and warnings, a few lines."""
+    d = report.divergence
+    lines = [f"{run_id}  [{status['status']}]  " + (f"diverges at step {d.step}: {d.detail}" if d else "no divergence")]
+    spikes = report.spikes
+    lines.append(f"  spikes    {len(spikes)}" + (" at steps " + ", ".join(str(s.step) for s in spikes[:10])
+                                                 + (", …" if len(spikes) > 10 else "") if spikes else ""))
+    if report.first:
+        w = report.first[0]
+        lines.append(f"  warning   step {w.step} by {', '.join(x.signal for x in report.first)}; {_lead_text(w)}")
+    else:
+        lines.append("  warning   none" + (" (missed)" if d else ""))
+    outcomes = report.outcomes()
+    fired = {w.signal: w for w in report.warnings}
+    for signal in report.signals:
+        w = fired.get(signal)
+        lead = "" if w is None or w.lead_steps is None else f"{w.lead_steps:+d}"
+        lines.append(f"    {signal:<12} {outcomes[signal]:<12} " + (f"step {w.step:<6} lead {lead:<6} {w.detail}"
+                                                                     if w else ""))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _lead_text(w) -> str:
+    """How far a warning came before the divergence, or that there was none (yet)."""
+    if w.lead_steps is None:
+        return "no divergence: a false alarm" if w.outcome == "false_alarm" else "no divergence yet (the run has not ended)"
+    seen = (f" ({w.lead_tokens:.4g} tokens, {w.lead_flops:.3g} FLOPs)"
+            if w.lead_tokens is not None and w.lead_flops is not None else "")
+    return f"{abs(w.lead_steps)} steps{seen} {'before' if w.lead_steps >= 0 else 'after'} the divergence"
+
+
+def _write_events(run, report) -> str:
+    """Log the report's events the run lacks (never touching what is there) and save the
+    report as the run's result 'events'. Returns what was added."""
+    from stabilitylab.analysis.events import DIVERGENCE, EARLY_WARNING, SPIKE
+    from stabilitylab.store import RunWriter
+
+    events = run.events()
+    have = set(zip(events["step"], events["kind"], events["detail"]))
+    kinds_at = set(zip(events["step"], events["kind"]))
+    new = [(w.step, EARLY_WARNING, f"{w.signal}: {w.detail}") for w in report.warnings]
+    new += [(s.step, SPIKE, f"{s.detail} (found offline)") for s in report.spikes if (s.step, SPIKE) not in kinds_at]
+    d = report.divergence
+    if d and (d.step, DIVERGENCE) not in kinds_at:
+        new.append((d.step, DIVERGENCE, f"{d.detail} (found offline)"))
+    new = [e for e in new if e not in have]
+    with RunWriter.attach(run.path) as writer:
+        for step, kind, detail in new:
+            writer.log_event(step, kind, detail)
+        writer.save_result("events", report.to_dict())
+    counts = {k: sum(kind == k for _, kind, _ in new) for k in (EARLY_WARNING, SPIKE, DIVERGENCE)}
+    return ", ".join(f"{n} {k}" for k, n in counts.items()) + " event(s) and the result 'events'"
 
 
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
@@ -311,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilitylab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_add_trace, _add_data, _add_train, _add_sweep, _add_eval, _add_runs, _add_export, _add_compact, _add_fit,
-                _add_dashboard):
+                _add_analyze, _add_check, _add_events, _add_dashboard):
         add(sub)
     return parser
 

@@ -233,6 +233,13 @@ class Fit:
         L = _column("L", bound.pop("L"))
         return float(np.mean(np.abs(self.predict(**bound) / L - 1)))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for a JSON document (a run's result, a lab's fit file)."""
+        return {"law": self.law.name, "formula": self.law.formula, "params": self.params,
+                "intervals": {name: list(bounds) for name, bounds in self.intervals.items()},
+                "huber": self.huber, "in_sample_error": self.in_sample_error,
+                "held_out_error": self.held_out_error, "n_points": self.n_points}
+
     def table(self) -> str:
         """The parameters with their intervals, one per line."""
         lines = [f"{self.law.formula}  ({self.n_points} points, huber {self.huber:.6g})"]

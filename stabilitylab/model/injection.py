@@ -215,8 +215,13 @@ class StableDense(Injection):
         A = -torch.diag(a) - self.L @ self.L.mT + (self.S - self.S.mT)
         return sqrt_dt[:, None] * A * sqrt_dt[None, :]
 
+    def log_transition(self) -> Tensor:
+        """log Ā = M: ρ(Ā) = exp(max Re λ(M)), and max Re λ(M) ≤ −γ < 0 in exact arithmetic
+        (the margin below ρ = 1 that rounding of exp(M) may hide)."""
+        return self.generator()
+
     def transition(self) -> Tensor:
-        return torch.linalg.matrix_exp(self.generator())
+        return torch.linalg.matrix_exp(self.log_transition())
 
     def input_matrix(self) -> Tensor:
         return F.softplus(self.dt_bias)[:, None] * self.B

@@ -48,11 +48,19 @@ def prune_checkpoints(writer: RunWriter, run: Run, keep: int) -> None:
 def latest_checkpoint(run: Run) -> tuple[int, Path, Path] | None:
     """(step, weights, state) of the newest complete checkpoint, its files checked against
     their sha256 in the index; None when the run has none."""
+    steps = run.checkpoints()["step"]
+    return None if steps.empty else checkpoint_at(run, int(steps.max()))
+
+
+def checkpoint_at(run: Run, step: int) -> tuple[int, Path, Path]:
+    """(step, weights, state) of the checkpoint of `step`, its files checked against their
+    sha256 in the index; a step the index lacks is refused, naming the steps it has."""
     table = run.checkpoints()
-    if table.empty:
-        return None
-    step = int(table["step"].max())
     rows = table[table["step"] == step]
+    if rows.empty:
+        have = ", ".join(map(str, sorted(set(table["step"])))) or "none"
+        raise StoreError(run.path, f"has no checkpoint of step {step} (indexed steps: {have})",
+                         "pick one of the indexed steps")
     for path, digest in zip(rows["path"], rows["sha256"]):
         if not Path(path).is_file() or _sha256(path) != digest:
             raise StoreError(path, f"checkpoint of step {step} is missing or damaged (sha256 differs from the index)",
@@ -81,4 +89,4 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["save_checkpoint", "prune_checkpoints", "latest_checkpoint", "load_checkpoint", "state_path"]
+__all__ = ["save_checkpoint", "prune_checkpoints", "latest_checkpoint", "checkpoint_at", "load_checkpoint", "state_path"]

@@ -13,15 +13,18 @@ that recorded a crossing trains to the end and then ends as `diverged` too, at t
 step of its first crossing: the status says what happened, the records show all of it.
 A spike, loss > median + k · MAD over the last `window` finite losses, is logged as a
 `spike` event and never ends a run (MAD = median |loss − median|).
+
+The rules themselves (`step_verdict`) and the spike detector live in
+stabilitylab.analysis.events, so that offline analysis of any run finds exactly the
+steps the trainer flags; this module adds what training needs: the action, and a
+state that checkpoints.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections import deque
 from dataclasses import dataclass, field
 
+from stabilitylab.analysis.events import DIVERGENCE, SPIKE, SpikeDetector, step_verdict
 from stabilitylab.train.config import DivergenceConfig
 
 
@@ -32,26 +35,6 @@ class Verdict:
 
     events: list[tuple[str, str]] = field(default_factory=list)
     stop: str | None = None
-
-
-class SpikeDetector:
-    """Rolling median + k·MAD rule over the last `window` finite losses."""
-
-    def __init__(self, window: int, k: float):
-        self.k = k
-        self.losses: deque[float] = deque(maxlen=window)
-
-    def update(self, loss: float) -> str | None:
-        """Add a loss; return a description if it is a spike against the window before it."""
-        spike = None
-        if self.losses.maxlen and len(self.losses) == self.losses.maxlen:
-            median = statistics.median(self.losses)
-            mad = statistics.median(abs(x - median) for x in self.losses)
-            if loss > median + self.k * mad:
-                spike = f"loss {loss:.4g} > median {median:.4g} + {self.k:g} × MAD {mad:.3g}"
-        if math.isfinite(loss):
-            self.losses.append(loss)
-        return spike
 
 
 class DivergenceMonitor:
@@ -65,29 +48,25 @@ class DivergenceMonitor:
 
     def check(self, step: int, loss: float, grad_norm: float, state_norm: float) -> Verdict:
         verdict = Verdict()
-        if not math.isfinite(loss):
-            verdict.stop = f"loss is {loss}"
-        elif not math.isfinite(grad_norm):
-            verdict.stop = f"gradient norm is {grad_norm}"
-        if verdict.stop:
-            verdict.events.append(("divergence", verdict.stop))
+        terminal, crossed = step_verdict(loss, grad_norm, state_norm, self.cfg.max_loss, self.cfg.max_state_norm)
+        if terminal:
+            verdict.stop = terminal
+            verdict.events.append((DIVERGENCE, terminal))
             return verdict
-        bounds = {"max_state_norm": (not state_norm <= self.cfg.max_state_norm,
-                                     f"‖h_T‖ {state_norm:.4g} > max_state_norm {self.cfg.max_state_norm:g}"),
-                  "max_loss": (loss > self.cfg.max_loss, f"loss {loss:.4g} > max_loss {self.cfg.max_loss:g}")}
-        for name, (crossed, detail) in bounds.items():
-            if not crossed:
+        for name in ("max_state_norm", "max_loss"):
+            detail = crossed.get(name)
+            if detail is None:
                 self.crossed.discard(name)
             elif self.cfg.action == "stop":
                 verdict.stop = verdict.stop or detail
-                verdict.events.append(("divergence", detail))
+                verdict.events.append((DIVERGENCE, detail))
             elif name not in self.crossed:
                 self.crossed.add(name)
                 self.first = self.first or (step, detail)
-                verdict.events.append(("divergence", detail + " (recorded; training goes on)"))
+                verdict.events.append((DIVERGENCE, detail + " (recorded; training goes on)"))
         spike = self.spikes.update(loss)
         if spike:
-            verdict.events.append(("spike", spike))
+            verdict.events.append((SPIKE, spike))
         return verdict
 
     def state_dict(self) -> dict:

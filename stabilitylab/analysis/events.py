@@ -1,0 +1,455 @@
+"""Loss spikes, divergence and its early warning, from a run's history.
+
+Everything here reads plain series (pandas, indexed by training step), so it works on any
+run: one of this lab's (`History.from_run`), an old one, or numbers from elsewhere.
+
+Spikes (the trainer's rule; `SpikeDetector` is the one implementation, the trainer's
+DivergenceMonitor uses it step by step and `find_spikes` runs it over a series):
+
+    spike at step s   ⇔  loss_s finite and loss_s > median(W) + k · MAD(W)
+                         W = the last `window` finite losses before s,  MAD = median |x − median(W)|
+
+Divergence (the trainer's rules, `step_verdict`; `find_divergence` = first step they fire):
+
+    non-finite loss or gradient norm        terminal
+    max per-token ‖h_T‖ > max_state_norm     a bound (a NaN norm counts as crossing it)
+    loss > max_loss                          a bound
+
+Early warning: five signals, each a series over the steps where it was measured, and a
+threshold. A signal fires at the first step where its condition has held on `patience`
+consecutive measurements (the step of the last one: when it could have been known). A
+non-finite value (an overflowed state or spectrum) always satisfies the condition.
+
+    rho          ρ(Ā) ≥ rho               (spectra)    the linear loop h ← Āh + B̄e is not
+                                                       contracting: the paper's stability test
+    jacobian     ρ(∂F/∂h at h_T) ≥ jacobian  (analysis "jacobian_radius")  the nonlinear loop
+                                                       expands near where it ends
+    lyapunov     λ₁ > lyapunov            (analysis "lyapunov")  nearby orbits separate
+    loop_rate    q ≥ rate, q = (δ_T / δ_m)^(1/(T−m)) the loop's contraction rate over the
+                 second half (m = ⌈T/2⌉) of the probe trace, δ_t = ‖h_t − h_{t−1}‖ (`loop_rate`);
+                 q → ρ(Ā) for a linear loop, the leading Jacobian modulus for the real one.
+                 Not the norm ratio ‖h_T‖/‖h_{T−1}‖: a loop contracting slowly towards a large
+                 fixed point grows too (measured: free-diagonal, ρ(Ā) = 0.55, T = 6: ratio
+                 1.017, q = 0.54). A loop that has settled (δ_T < settled · ‖h_T‖) does not fire.
+    state_trend  the per-step max ‖h_T‖ (scalar "h_T_norm"), extrapolated: the least-squares
+                 slope b of log ‖h_T‖ over the last `trend_window` steps and the steps left to
+                 the divergence bound, τ = (log max_state_norm − log ‖h_T‖_s) / b (∞ if b ≤ 0);
+                 fires when τ ≤ horizon. A nowcast: its lead is at most about `horizon`.
+
+The run's warning is the earliest signal to fire. Against the divergence step d (if any):
+
+    lead = d − warning step  (also in tokens and FLOPs: the cumulative scalars at d minus at w)
+    outcome  early  fired at or before d (lead ≥ 0)      late   fired after d
+             missed d exists, never fired               false_alarm  fired, no divergence
+             quiet  neither                             pending  no divergence yet, and the
+                                                        run is not complete (still running, failed)
+
+`warning_table` counts outcomes over runs: recall = early / diverged, precision =
+early / fired (pending runs left out) — how far the warning can be trusted (PARCAE.md §3 C2).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+SPIKE, DIVERGENCE, EARLY_WARNING = "spike", "divergence", "early_warning"  # event kinds (the dashboard marks them)
+SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend")
+OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
+HISTORY_SCALARS = ("loss", "grad_norm", "h_T_norm", "tokens", "flops")
+
+
+# ---- spikes ------------------------------------------------------------------------------
+
+class SpikeDetector:
+    """Rolling median + k·MAD rule over the last `window` finite losses (window 0: off)."""
+
+    def __init__(self, window: int, k: float):
+        if window < 0 or not k > 0:
+            raise ValueError(f"spike rule: window must be ≥ 0 and k > 0, got window={window}, k={k}")
+        self.k = k
+        self.losses: deque[float] = deque(maxlen=window)
+
+    def update(self, loss: float) -> str | None:
+        """Add a loss; return a description if it is a spike against the window before it.
+        A non-finite loss is never a spike (it is divergence) and never enters the window."""
+        spike = None
+        if math.isfinite(loss) and self.losses.maxlen and len(self.losses) == self.losses.maxlen:
+            median = statistics.median(self.losses)
+            mad = statistics.median(abs(x - median) for x in self.losses)
+            if loss > median + self.k * mad:
+                spike = f"loss {loss:.4g} > median {median:.4g} + {self.k:g} × MAD {mad:.3g}"
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        return spike
+
+
+@dataclass(frozen=True)
+class Spike:
+    step: int
+    loss: float
+    detail: str  # the trainer's words for it
+
+
+def find_spikes(loss: pd.Series, window: int, k: float) -> list[Spike]:
+    """The spikes of a loss series (index: step, ascending), exactly as the trainer flags them."""
+    detector = SpikeDetector(window, k)
+    out = []
+    for step, value in loss.items():
+        detail = detector.update(float(value))
+        if detail:
+            out.append(Spike(int(step), float(value), detail))
+    return out
+
+
+# ---- divergence --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DivergenceRules:
+    """The trainer's divergence and spike settings (the fields of train.config.DivergenceConfig)."""
+
+    max_loss: float
+    max_state_norm: float
+    spike_window: int
+    spike_k: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "DivergenceRules":
+        """From a run's config dict (its [divergence] table)."""
+        table = config.get("divergence", {})
+        missing = [name for name in cls.__dataclass_fields__ if name not in table]
+        if missing:
+            raise ValueError(f"the run's config has no divergence.{missing[0]}; pass DivergenceRules(...) "
+                             "with the bounds it was trained under")
+        return cls(**{name: table[name] for name in cls.__dataclass_fields__})
+
+
+def step_verdict(loss: float, grad_norm: float | None, state_norm: float | None, max_loss: float,
+                 max_state_norm: float) -> tuple[str | None, dict[str, str]]:
+    """One step's verdict: (the terminal reason or None, {bound: detail} of the bounds crossed,
+    max_state_norm before max_loss). None for a norm not recorded skips its rule."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}", {}
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return f"gradient norm is {grad_norm}", {}
+    crossed = {}
+    if state_norm is not None and not state_norm <= max_state_norm:
+        crossed["max_state_norm"] = f"‖h_T‖ {state_norm:.4g} > max_state_norm {max_state_norm:g}"
+    if loss > max_loss:
+        crossed["max_loss"] = f"loss {loss:.4g} > max_loss {max_loss:g}"
+    return None, crossed
+
+
+@dataclass(frozen=True)
+class Divergence:
+    step: int
+    rule: str  # non_finite, max_state_norm or max_loss
+    detail: str  # the trainer's words for it
+
+
+def find_divergence(scalars: Mapping[str, pd.Series], limits: DivergenceRules) -> Divergence | None:
+    """The first step at which the trainer's rules fire on recorded scalars: loss, and
+    grad_norm and h_T_norm where recorded (series indexed by step)."""
+    grad, state = scalars.get("grad_norm", _empty()), scalars.get("h_T_norm", _empty())
+    for step, loss in scalars["loss"].items():
+        terminal, crossed = step_verdict(float(loss), _at(grad, step), _at(state, step), limits.max_loss,
+                                         limits.max_state_norm)
+        if terminal:
+            return Divergence(int(step), "non_finite", terminal)
+        if crossed:
+            rule, detail = next(iter(crossed.items()))
+            return Divergence(int(step), rule, detail)
+    return None
+
+
+def _empty() -> pd.Series:
+    return pd.Series(dtype=float)
+
+
+def _at(series: pd.Series, step: int) -> float | None:
+    return float(series[step]) if step in series.index else None
+
+
+# ---- the history -------------------------------------------------------------------------
+
+@dataclass
+class History:
+    """A run's record as series indexed by step (only steps where each was measured):
+    scalars by name (HISTORY_SCALARS), ρ(Ā), ρ(∂F/∂h), λ₁, and the probe batch's loop trace:
+    mean increments δ_t = ‖h_t − h_{t−1}‖ and mean norms ‖h_t‖ over iterations t = 1..T."""
+
+    scalars: dict[str, pd.Series]
+    rho: pd.Series = field(default_factory=_empty)
+    jacobian_radius: pd.Series = field(default_factory=_empty)
+    lyapunov: pd.Series = field(default_factory=_empty)
+    increments: pd.DataFrame = field(default_factory=pd.DataFrame)  # loop trace: δ_t, row = step, column = t
+    norms: pd.DataFrame = field(default_factory=pd.DataFrame)  # loop trace: ‖h_t‖, the same shape
+
+    def __post_init__(self) -> None:
+        if "loss" not in self.scalars:
+            raise ValueError("history: no 'loss' series; spikes and divergence are read from it")
+
+    @classmethod
+    def from_run(cls, run: Any) -> "History":
+        """Read a store Run (anything with its scalars/spectra/traces/analysis readers)."""
+        long = run.scalars(HISTORY_SCALARS)
+        scalars = {name: pd.Series(g["value"].to_numpy(), index=g["step"].to_numpy())
+                   for name, g in long.groupby("name")}
+        if "loss" not in scalars:
+            raise ValueError(f"{run.path}: the run recorded no loss yet")
+        spectra = run.spectra()
+        traces = run.traces(["delta_norm_mean", "state_norm_mean"])
+        analysis = run.analysis()
+
+        def largest(name: str) -> pd.Series:  # ρ(∂F/∂h) is one number, λ₁ the largest exponent
+            rows = analysis[analysis["name"] == name]
+            return pd.Series([float(np.max(v)) for v in rows["values"]], index=rows["step"].to_numpy(), dtype=float)
+
+        return cls(scalars=scalars, rho=pd.Series(spectra["rho"].to_numpy(), index=spectra["step"].to_numpy()),
+                   jacobian_radius=largest("jacobian_radius"), lyapunov=largest("lyapunov"),
+                   increments=_frame(traces.get("delta_norm_mean")), norms=_frame(traces.get("state_norm_mean")))
+
+
+def _frame(trace: Any) -> pd.DataFrame:
+    """A store Trace (steps, values (S, T)) as a frame: row = step, column = iteration t."""
+    if trace is None:
+        return pd.DataFrame()
+    return pd.DataFrame(trace.values, index=trace.steps, columns=range(1, trace.values.shape[1] + 1))
+
+
+def loop_rate(delta: np.ndarray, norm: np.ndarray, settled: float) -> np.ndarray:
+    """The loop's contraction rate per row of a trace (S, T) of mean increments
+    δ_t = ‖h_t − h_{t−1}‖ and mean norms ‖h_t‖, over the second half of the iterations:
+
+        q = (δ_T / δ_m)^(1 / (T − m)),   m = ⌈T/2⌉
+
+    For h ← Āh + b the increments obey δ_{t+1} = Āδ_t, so q → ρ(Ā); for the nonlinear loop
+    q estimates the leading Jacobian modulus along the orbit (power iteration, for free).
+    q < 1: contracting. Rows whose last step moved the state by less than `settled` · ‖h_T‖
+    have converged, and their ratio would be rounding noise: q = 0 there. A non-finite
+    δ or norm (the loop overflowed) gives q = inf."""
+    delta, norm = np.asarray(delta, dtype=float), np.asarray(norm, dtype=float)
+    if delta.shape != norm.shape or delta.ndim != 2 or delta.shape[1] < 2:
+        raise ValueError(f"loop traces of equal shape (steps, iterations ≥ 2) are needed, got {delta.shape} "
+                         f"and {norm.shape}")
+    T = delta.shape[1]
+    m = (T + 1) // 2
+    last, mid, size = delta[:, -1], delta[:, m - 1], norm[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q = (last / mid) ** (1.0 / (T - m))
+    overflow = ~(np.isfinite(last) & np.isfinite(mid) & np.isfinite(size))
+    return np.where(overflow, np.inf, np.where(last >= settled * size, np.nan_to_num(q, posinf=np.inf), 0.0))
+
+
+# ---- early warning -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WarningRules:
+    """Thresholds of the early-warning signals (module docstring). Defaults and why:
+    rho = jacobian = rate = 1 and lyapunov = 0 are the stability boundaries themselves;
+    settled = 1e-3 is far above float32 rounding of a converged loop (~1e-7); state_trend
+    looks `horizon` = 5 steps ahead from a `trend_window` = 5 step slope; `patience` = 1
+    because probes are deterministic (fixed batch and h_0) and sparse: waiting for a
+    second one costs a whole probe period of lead."""
+
+    rho: float = 1.0
+    jacobian: float = 1.0
+    lyapunov: float = 0.0
+    rate: float = 1.0
+    settled: float = 1e-3
+    horizon: float = 5.0
+    trend_window: int = 5
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if self.patience < 1 or self.trend_window < 2 or not self.horizon >= 0 or not self.settled >= 0:
+            raise ValueError(f"warning rules: need patience ≥ 1, trend_window ≥ 2, horizon ≥ 0 and settled ≥ 0, "
+                             f"got patience={self.patience}, trend_window={self.trend_window}, "
+                             f"horizon={self.horizon}, settled={self.settled}")
+
+
+@dataclass(frozen=True)
+class EarlyWarning:
+    """One signal's first firing and its lead before the divergence (None: no divergence)."""
+
+    signal: str
+    step: int
+    value: float
+    detail: str
+    lead_steps: int | None
+    lead_tokens: float | None
+    lead_flops: float | None
+    outcome: str  # early, late, false_alarm or pending
+
+
+def state_forecast(h_norm: pd.Series, bound: float, window: int) -> pd.Series:
+    """τ_s: steps until log ‖h_T‖ reaches log `bound` along the least-squares line through
+    its last `window` values, b = Σ(x − x̄)(y − ȳ) / Σ(x − x̄)², τ = (log bound − y_s) / b;
+    ∞ when b ≤ 0 or fewer than `window` finite values; 0 at or past the bound, or non-finite."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x, h = h_norm.index.to_numpy(dtype=float), h_norm.to_numpy(dtype=float)
+        y = np.log(h)
+        tau = np.full(len(y), np.inf)
+        if len(y) >= window:
+            X = np.lib.stride_tricks.sliding_window_view(x, window)
+            Y = np.lib.stride_tricks.sliding_window_view(y, window)
+            dx = X - X.mean(axis=1, keepdims=True)
+            slope = (dx * (Y - Y.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
+            rising = np.isfinite(slope) & (slope > 0)
+            tau[window - 1:] = np.where(rising, (math.log(bound) - y[window - 1:]) / np.where(rising, slope, 1), np.inf)
+        tau[~(h < bound)] = 0.0  # at or past the bound, or NaN
+    return pd.Series(tau, index=h_norm.index)
+
+
+def _signals(history: History, rules: WarningRules, bound: float) -> dict[str, tuple[pd.Series, np.ndarray, str]]:
+    """signal → (values, whether each satisfies its condition, a format for the detail)."""
+    def at_least(s: pd.Series, t: float) -> np.ndarray:
+        v = s.to_numpy(dtype=float)
+        return ~np.isfinite(v) | (v >= t)
+
+    out = {
+        "rho": (history.rho, at_least(history.rho, rules.rho), f"ρ(Ā) = {{:.4g}} ≥ {rules.rho:g}"),
+        "jacobian": (history.jacobian_radius, at_least(history.jacobian_radius, rules.jacobian),
+                     f"ρ(∂F/∂h) = {{:.4g}} ≥ {rules.jacobian:g}"),
+        "lyapunov": (history.lyapunov, ~np.isfinite(history.lyapunov.to_numpy(dtype=float))
+                     | (history.lyapunov.to_numpy(dtype=float) > rules.lyapunov), f"λ₁ = {{:.4g}} > {rules.lyapunov:g}"),
+    }
+    if not history.increments.empty:
+        q = pd.Series(loop_rate(history.increments.to_numpy(), history.norms.to_numpy(), rules.settled),
+                      index=history.increments.index)
+        out["loop_rate"] = (q, at_least(q, rules.rate), f"loop contraction rate q = {{:.4g}} ≥ {rules.rate:g}")
+    h_norm = history.scalars.get("h_T_norm")
+    if h_norm is not None and len(h_norm) and math.isfinite(bound):
+        tau = state_forecast(h_norm, bound, rules.trend_window)
+        out["state_trend"] = (tau, tau.to_numpy() <= rules.horizon,
+                              f"‖h_T‖ reaches max_state_norm {bound:g} in {{:.3g}} steps (≤ {rules.horizon:g})")
+    return {name: item for name, item in out.items() if len(item[0])}
+
+
+def _first_sustained(fires: np.ndarray, patience: int) -> int | None:
+    """Index of the first entry ending a run of `patience` consecutive True values."""
+    run = 0
+    for i, ok in enumerate(fires):
+        run = run + 1 if ok else 0
+        if run >= patience:
+            return i
+    return None
+
+
+@dataclass
+class RunEvents:
+    """What a run's history says: its spikes, its divergence, and each early-warning signal
+    that fired (earliest first). `signals` are those that had data to judge."""
+
+    spikes: list[Spike]
+    divergence: Divergence | None
+    warnings: list[EarlyWarning]
+    signals: tuple[str, ...]
+    rules: WarningRules
+    complete: bool  # the run ended (finished or diverged): silence is then quiet, not pending
+
+    @property
+    def first(self) -> list[EarlyWarning]:
+        """The run's warning: the signals that fired first (several on a tie)."""
+        return [w for w in self.warnings if w.step == self.warnings[0].step] if self.warnings else []
+
+    def outcomes(self) -> dict[str, str]:
+        """Outcome per judged signal, and "any" for the run's warning."""
+        fired = {w.signal: w.outcome for w in self.warnings}
+        silent = "missed" if self.divergence else "quiet" if self.complete else "pending"
+        out = {s: fired.get(s, silent) for s in self.signals}
+        out["any"] = self.warnings[0].outcome if self.warnings else silent
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spikes": [asdict(s) for s in self.spikes],
+                "divergence": asdict(self.divergence) if self.divergence else None,
+                "warnings": [asdict(w) for w in self.warnings],
+                "first_signals": [w.signal for w in self.first], "signals": list(self.signals),
+                "outcomes": self.outcomes(), "rules": asdict(self.rules), "complete": self.complete}
+
+
+def early_warnings(history: History, divergence: Divergence | None, max_state_norm: float,
+                   rules: WarningRules = WarningRules(), complete: bool = True
+                   ) -> tuple[list[EarlyWarning], tuple[str, ...]]:
+    """Each signal's first firing, earliest first, with its lead before `divergence`; and the
+    signals that had data. `max_state_norm` is the bound the state_trend forecasts; without a
+    divergence a firing is a false alarm if the run is `complete`, else pending."""
+    warnings = []
+    signals = _signals(history, rules, max_state_norm)
+    for name, (values, fires, text) in signals.items():
+        i = _first_sustained(fires, rules.patience)
+        if i is None:
+            continue
+        step, value = int(values.index[i]), float(values.iloc[i])
+        detail = text.format(value) + (f" for {rules.patience} probes" if rules.patience > 1 else "")
+        lead = tokens = flops = None
+        outcome = "false_alarm" if complete else "pending"
+        if divergence:
+            lead = divergence.step - step
+            tokens, flops = (_difference(history.scalars.get(n), step, divergence.step) for n in ("tokens", "flops"))
+            outcome = "early" if lead >= 0 else "late"
+        warnings.append(EarlyWarning(name, step, value, detail, lead, tokens, flops, outcome))
+    warnings.sort(key=lambda w: (w.step, SIGNALS.index(w.signal)))
+    return warnings, tuple(signals)
+
+
+def _difference(series: pd.Series | None, start: int, stop: int) -> float | None:
+    """series[stop] − series[start] of a cumulative scalar (tokens, FLOPs); None if either is missing."""
+    if series is None or start not in series.index or stop not in series.index:
+        return None
+    return float(series[stop] - series[start])
+
+
+def analyse(history: History, limits: DivergenceRules, rules: WarningRules = WarningRules(),
+            complete: bool = True) -> RunEvents:
+    """Spikes, divergence and early warnings of one history (`complete`: the run has ended).
+    Spikes are searched as the trainer searches them: a terminal step (non-finite loss or
+    gradient) is not checked."""
+    divergence = find_divergence(history.scalars, limits)
+    loss = history.scalars["loss"]
+    if divergence and divergence.rule == "non_finite":
+        loss = loss[loss.index < divergence.step]
+    spikes = find_spikes(loss, limits.spike_window, limits.spike_k)
+    warnings, signals = early_warnings(history, divergence, limits.max_state_norm, rules, complete)
+    return RunEvents(spikes, divergence, warnings, signals, rules, complete)
+
+
+def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
+    """`analyse` on a store Run, under the divergence settings it was trained with; complete
+    once its status is finished or diverged."""
+    complete = run.status()["status"] in ("finished", "diverged")
+    return analyse(History.from_run(run), DivergenceRules.from_config(run.config()), rules, complete)
+
+
+def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
+    """Per signal (and "any"): runs judged, each outcome's count, recall = early / diverged,
+    precision = early / fired, and the median lead in steps of the early warnings."""
+    reports = list(reports)
+    rows = []
+    for signal in (*SIGNALS, "any"):
+        judged = [r for r in reports if signal == "any" or signal in r.signals]
+        if not judged:
+            continue
+        outcomes = [r.outcomes()[signal] for r in judged]
+        counts = {o: outcomes.count(o) for o in OUTCOMES}
+        diverged = counts["early"] + counts["late"] + counts["missed"]
+        fired = counts["early"] + counts["late"] + counts["false_alarm"]
+        firsts = [(r.first[:1] if signal == "any" else [w for w in r.warnings if w.signal == signal]) for r in judged]
+        leads = [w[0].lead_steps for w in firsts if w and w[0].outcome == "early"]
+        rows.append({"signal": signal, "runs": len(judged), **counts,
+                     "recall": counts["early"] / diverged if diverged else math.nan,
+                     "precision": counts["early"] / fired if fired else math.nan,
+                     "median_lead_steps": float(np.median(leads)) if leads else math.nan})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes", "DivergenceRules", "step_verdict",
+           "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
+           "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "warning_table"]
