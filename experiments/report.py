@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from stabilitylab import store
-from stabilitylab.analysis import scaling
+from stabilitylab.analysis import events, scaling
 from stabilitylab.experiment import build_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,9 +72,9 @@ def first_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> int |
 
 def outcome(row: pd.Series, n_spikes: int) -> str:
     """diverged (the lab's status: a bound crossed or a non-finite loss), spiking (finished,
-    with loss spikes), or converged."""
-    if row.status == "diverged":
-        return "diverged"
+    with loss spikes), converged (finished without), or the status of a run not done."""
+    if row.status != "finished":
+        return row.status
     return "spiking" if n_spikes else "converged"
 
 
@@ -82,10 +82,6 @@ def early_warnings(runs: list[store.Run]) -> tuple[dict[str, dict], list[dict]]:
     """stabilitylab.analysis.events on each run: {run id: its spikes, divergence and the
     early-warning signals that fired, with their lead before the divergence}, and the
     signal table over the runs (recall, precision, median lead)."""
-    try:
-        from stabilitylab.analysis import events
-    except ImportError:
-        return {}, [{"error": "stabilitylab.analysis.events is not on this branch yet"}]
     reports = {run.id: events.analyse_run(run) for run in runs}
     return ({rid: r.to_dict() for rid, r in reports.items()},
             events.warning_table(reports.values()).to_dict("records"))
@@ -404,8 +400,7 @@ def summary(results: dict) -> str:
                  f"divergence in {c2['rho_crossed_first']}; median lead of ρ > 1: {c2['rho_lead_steps_median']} steps; "
                  f"median lead of the early warning: {c2['warning_lead_steps_median']} steps")
     for row in c2["signals"]:
-        lines.append(f"C2  signal {row}" if "error" in row else
-                     f"C2  signal {row['signal']:<11} runs {row['runs']}: early {row['early']}, late {row['late']}, "
+        lines.append(f"C2  signal {row['signal']:<11} runs {row['runs']}: early {row['early']}, late {row['late']}, "
                      f"missed {row['missed']}, false alarms {row['false_alarm']}, recall {row['recall']:.2f}, "
                      f"precision {row['precision']:.2f}, median lead {row['median_lead_steps']} steps")
     for gran, g in r["c3"]["groups"].items():

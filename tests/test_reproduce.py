@@ -117,8 +117,7 @@ def test_the_report_regenerates_every_number_from_a_tiny_lab(tiny_lab, report_ou
     assert results["c6"]["unified_law"]["largest_budget_held_out"]["held_out_points"] > 0
     assert [p["seed"] for p in results["c7"]["pairs"]] == [0]
     assert results["c2"]["diverged_runs"] == 2 and all(r["diverged_at"] == 1 for r in results["c2"]["runs"])
-    if importlib.util.find_spec("stabilitylab.analysis.events"):
-        assert [row["signal"] for row in results["c2"]["signals"]][-1] == "any"
+    assert [row["signal"] for row in results["c2"]["signals"]][-1] == "any"
     assert results["dynamics"]["summary"]["probes"] == 3  # step 4 of both c1 runs and of the c5 run
     assert set(results["runtimes"]) == set(SMALLEST)
     # a second run of the script prints every claim and writes the same numbers
