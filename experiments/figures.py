@@ -70,19 +70,24 @@ def stability_trajectories(trajectories: list[dict]) -> go.Figure:
 
 
 def depth_sampling(runs: list[dict], groups: dict) -> go.Figure:
-    """C3: training loss per run, and validation loss at each test depth per granularity."""
+    """C3: training loss per run, and validation loss at each test depth per granularity
+    (colour) and learning rate (dash)."""
     fig = make_subplots(rows=1, cols=2, column_titles=["training loss", "validation loss at test depth T (mean ± sd)"])
     colour = {"batch": "#d62728", "sequence": "#1f77b4", "token": "#2ca02c"}
+    dashes = {lr: dash for lr, dash in zip(sorted({r["lr"] for r in runs}), ["solid", "dash", "dot", "dashdot"])}
     for r in runs:
-        fig.add_scatter(y=r["loss"], x=list(range(1, len(r["loss"]) + 1)), row=1, col=1, opacity=0.7,
-                        line=dict(color=colour.get(r["granularity"]), width=1), name=f"{r['granularity']} s{r['seed']}")
-    for gran, g in groups.items():
+        fig.add_scatter(y=r["loss"], x=list(range(1, len(r["loss"]) + 1)), row=1, col=1, opacity=0.6,
+                        line=dict(color=colour.get(r["granularity"]), dash=dashes[r["lr"]], width=1),
+                        name=f"{r['granularity']} lr {r['lr']:g} s{r['seed']}", showlegend=False)
+    for name, g in groups.items():
         depths = list(g["val_loss_mean"])
         fig.add_scatter(x=depths, y=[g["val_loss_mean"][d] for d in depths], row=1, col=2, mode="lines+markers",
                         error_y=dict(array=[g["val_loss_std"][d] for d in depths]),
-                        line=dict(color=colour.get(gran)), name=f"per {gran}: {g['spikes_total']} spikes")
+                        line=dict(color=colour.get(g["granularity"]), dash=dashes.get(g["lr"])),
+                        name=f"per {name}: {g['spikes_total']} spikes")
     fig.update_xaxes(type="log", row=1, col=2, title_text="T")
-    fig.update_layout(title="C3: per-batch vs per-sequence depth sampling", height=420, width=1100, **LAYOUT)
+    fig.update_layout(title="C3: per-batch vs per-sequence depth sampling (solid: lower LR, dashed: higher)",
+                      height=420, width=1100, **LAYOUT)
     return fig
 
 

@@ -151,21 +151,23 @@ def c1_c2(table: pd.DataFrame, lab: Path) -> tuple[dict, dict, dict]:
 
 
 def c3(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
-    """Spikes and validation loss at test depths, per-batch vs per-sequence depth sampling."""
+    """Spikes and validation loss at test depths, per-batch vs per-sequence depth sampling,
+    at each learning rate."""
     runs = []
     for row, run in experiment_runs(table, lab, "c3"):
-        runs.append({"run": row.run_id, "granularity": row["config.model.depth_granularity"], "seed": int(row.seed),
-                     "status": row.status, "spikes": spikes(run), "val_loss": final_evals(run),
-                     "loss": scalar(run, "loss").tolist()})
+        runs.append({"run": row.run_id, "granularity": row["config.model.depth_granularity"],
+                     "lr": float(row["config.train.lr"]), "seed": int(row.seed), "status": row.status,
+                     "spikes": spikes(run), "val_loss": final_evals(run), "loss": scalar(run, "loss").tolist()})
     groups = {}
-    for gran in sorted({r["granularity"] for r in runs}):
-        rs = [r for r in runs if r["granularity"] == gran]
+    for gran, lr in sorted({(r["granularity"], r["lr"]) for r in runs}, key=lambda g: (g[1], g[0])):
+        rs = [r for r in runs if (r["granularity"], r["lr"]) == (gran, lr)]
         depths = sorted(set.intersection(*(set(r["val_loss"]) for r in rs)))
         val = {d: float(np.mean([r["val_loss"][d] for r in rs])) for d in depths}
-        groups[gran] = {"runs": len(rs), "spikes_total": sum(r["spikes"] for r in rs),
-                        "spikes_per_run": [r["spikes"] for r in rs], "val_loss_mean": val,
-                        "val_ppl_mean": {d: math.exp(v) for d, v in val.items()},
-                        "val_loss_std": {d: float(np.std([r["val_loss"][d] for r in rs])) for d in depths}}
+        groups[f"{gran}, lr {lr:g}"] = {
+            "granularity": gran, "lr": lr, "runs": len(rs), "spikes_total": sum(r["spikes"] for r in rs),
+            "spikes_per_run": [r["spikes"] for r in rs], "val_loss_mean": val,
+            "val_ppl_mean": {d: math.exp(v) for d, v in val.items()},
+            "val_loss_std": {d: float(np.std([r["val_loss"][d] for r in rs])) for d in depths}}
     return ({"groups": groups, "runs": [{k: v for k, v in r.items() if k != "loss"} for r in runs]},
             {"c3_depth_sampling": figures.depth_sampling(runs, groups)})
 
@@ -403,9 +405,9 @@ def summary(results: dict) -> str:
         lines.append(f"C2  signal {row['signal']:<11} runs {row['runs']}: early {row['early']}, late {row['late']}, "
                      f"missed {row['missed']}, false alarms {row['false_alarm']}, recall {row['recall']:.2f}, "
                      f"precision {row['precision']:.2f}, median lead {row['median_lead_steps']} steps")
-    for gran, g in r["c3"]["groups"].items():
+    for name, g in r["c3"]["groups"].items():
         val = ", ".join(f"T={d}: {v:.3f} (ppl {math.exp(v):.2f})" for d, v in g["val_loss_mean"].items())
-        lines.append(f"C3  per {gran}: spikes {g['spikes_per_run']}; val loss {val}")
+        lines.append(f"C3  per {name}: spikes {g['spikes_per_run']}; val loss {val}")
     for run in r["c4"]["runs"]:
         lines.append(f"C4  norm {'on ' if run['prelude_norm'] else 'off'} lr {run['lr']:g} s{run['seed']}: "
                      f"‖e‖ {run['e_first']:.3g} → {run['e_final']:.3g}, max ‖h_T‖ 1st/2nd half "

@@ -109,7 +109,7 @@ def test_the_report_regenerates_every_number_from_a_tiny_lab(tiny_lab, report_ou
     results = {p.stem: json.loads(p.read_text()) for p in (report_out / "results").glob("*.json")}
     assert set(results) == {"c1", "c2", "c3", "c4", "c5", "c6", "c7", "dynamics", "runtimes"}
     assert {(c["injection"], c["seeds"]) for c in results["c1"]["cells"]} == {("concat", 1), ("parcae", 1)}
-    assert set(results["c3"]["groups"]) == {"batch", "sequence"}
+    assert set(results["c3"]["groups"]) == {"batch, lr 0.005", "sequence, lr 0.005"}
     assert {r["prelude_norm"] for r in results["c4"]["runs"]} == {True, False}
     assert set(results["c5"]["forms"]) == {"exp", "power1p", "power", "pure-power"}
     assert results["c5"]["runs"][0]["T"] == list(range(1, 10))
