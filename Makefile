@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo dashboard test test-all bench lint clean
+.PHONY: venv demo dashboard test test-all bench clean reproduce
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/stabilitylab sweep experiments/quick.toml --jobs 2 --lab runs
 	$(BIN)/stabilitylab dashboard runs
+
+# every claim experiment (experiments/README.md: ~60 min here on 2 cores; finished runs
+# are kept, so an interrupted `make reproduce` picks up where it stopped), each evaluated at
+# its test depths by the trainer; then the lab without checkpoints becomes the reference lab
+# the dashboard opens, and the report's numbers and figures are computed from it
+REPRO_LAB ?= data/labs/reproduce
+CLAIMS := quick c1_stability_grid c3_depth_sampling c4_prelude_norm c5_test_time_depth c7_zoh c6_isoflop
+reproduce: venv
+	for e in $(CLAIMS); do $(BIN)/stabilitylab sweep experiments/$$e.toml --jobs 2 --lab $(REPRO_LAB) || exit 1; done
+	rm -rf data/reference-lab && mkdir -p data/reference-lab
+	tar -C $(REPRO_LAB) --exclude=checkpoints --exclude=writer.lock -cf - $(CLAIMS) | tar -C data/reference-lab -xf -
+	$(BIN)/stabilitylab compact data/reference-lab
+	du -sh data/reference-lab
+	$(BIN)/python experiments/report.py data/reference-lab
 
 dashboard: venv  # `make dashboard LAB=path/to/lab`; without LAB, the reference lab
 	$(BIN)/stabilitylab dashboard $(LAB)

@@ -154,8 +154,28 @@ def build_experiment(raw: dict[str, Any], source: str | Path | None = None) -> E
         tables[section] = from_dict(cls, table, source=source, section=section)
     sweep = _sweep(raw.get("sweep", {}), source)
     exp = ExperimentConfig(name=name, sweep=sweep, **tables)
+    _apply_flop_budget(exp, source)
     _check_together(exp, source)
     return exp
+
+
+def _apply_flop_budget(exp: ExperimentConfig, source: str | Path | None) -> None:
+    """train.flop_budget > 0 sets train.steps = round(budget / FLOPs of one step), the FLOPs
+    of a step being training_flops_per_token (model/flops.py, the nominal split
+    n = μ_rec − μ_bwd, k = μ_bwd) × batch_size × seq_len. So one grid over budgets × μ_rec
+    is an isoFLOP sweep; the run logs the FLOPs it actually spent (sampled depths)."""
+    tc = exp.train
+    if not tc.flop_budget:
+        return
+    from stabilitylab.model.flops import training_flops_per_token
+
+    per_step = training_flops_per_token(exp.model, exp.data.seq_len).total * tc.batch_size * exp.data.seq_len
+    steps = round(tc.flop_budget / per_step)
+    if steps <= tc.warmup_steps:
+        raise ConfigError("train.flop_budget", f"{tc.flop_budget:g} FLOPs buy {steps} steps of {per_step:.4g} "
+                          f"FLOPs, not more than warmup_steps = {tc.warmup_steps}",
+                          "Raise the budget or lower train.warmup_steps", source=source)
+    tc.steps = steps
 
 
 def _sweep(table: Any, source: str | Path | None) -> SweepConfig:

@@ -117,3 +117,24 @@ def test_an_experiment_without_a_sweep_is_one_cell(tmp_path):
 def test_a_config_survives_its_json_round_trip():
     exp = load_experiment(EXPERIMENTS / "tiny.toml")
     assert build_experiment(exp.to_dict()).to_dict() == exp.to_dict()
+
+
+def test_a_flop_budget_sets_the_steps_so_every_depth_of_a_grid_spends_the_same_flops(tmp_path):
+    from stabilitylab.model.flops import training_flops_per_token
+
+    path = write(tmp_path, '[model]\npreset = "tiny"\nvocab_size = 256\n[data]\nseq_len = 32\n'
+                           '[train]\nbatch_size = 4\n[sweep.grid]\n"train.flop_budget" = [1e10, 4e10]\n'
+                           '"model.mean_recurrence" = [1, 4]\n')
+    cells = sweep_cells(read_experiment(path), path)
+    spent = {}
+    for cell in cells:
+        exp = cell.config
+        per_step = training_flops_per_token(exp.model, 32).total * 4 * 32
+        spent[cell.id] = exp.train.steps * per_step / exp.train.flop_budget
+        assert build_experiment(exp.to_dict()).train.steps == exp.train.steps  # a stored config rebuilds the same
+    assert all(abs(v - 1) < 0.01 for v in spent.values()), spent
+    steps = {c.id: c.config.train.steps for c in cells}
+    assert steps["flop_budget=40000000000.0,mean_recurrence=1"] > steps["flop_budget=40000000000.0,mean_recurrence=4"]
+    assert steps["flop_budget=40000000000.0,mean_recurrence=4"] > steps["flop_budget=10000000000.0,mean_recurrence=4"]
+    with pytest.raises(ConfigError, match=r"exp\.toml: train\.flop_budget: 1e\+06 FLOPs buy 0 steps"):
+        load_experiment(path, ["train.flop_budget=1e6"])

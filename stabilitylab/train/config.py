@@ -24,6 +24,7 @@ class TrainConfig:
     """Optimiser, schedule, evaluation and checkpoint cadence of one run."""
 
     steps: int = 200  # optimiser steps
+    flop_budget: float = 0.0  # > 0: steps = this budget over the training FLOPs of a step (isoFLOP sweeps)
     batch_size: int = 16  # global batch (sequences per step, over all processes and micro-batches)
     grad_accum: int = 1  # micro-batches per step; each process runs batch_size / (world · grad_accum) rows
     lr: float = 3e-3  # peak learning rate of AdamW
@@ -52,7 +53,7 @@ class TrainConfig:
         self.eval_depths = tuple(self.eval_depths)
         for name in ("steps", "batch_size", "grad_accum", "lr", "eval_batches"):
             check_positive(name, getattr(self, name))
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "eval_every", "checkpoint_every",
+        for name in ("flop_budget", "weight_decay", "warmup_steps", "grad_clip", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "seed", "muon_lr"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
