@@ -24,7 +24,7 @@ demo: venv
 	$(BIN)/stabilitylab sweep experiments/quick.toml --jobs 2 --lab runs
 	$(BIN)/stabilitylab dashboard runs
 
-# every claim experiment (experiments/README.md: ~60 min here on 2 cores; finished runs
+# every claim experiment (experiments/README.md: ~75 min here on 2 cores; finished runs
 # are kept, so an interrupted `make reproduce` picks up where it stopped), each evaluated at
 # its test depths by the trainer; then the lab without checkpoints becomes the reference lab
 # the dashboard opens, and the report's numbers and figures are computed from it

@@ -60,11 +60,12 @@ def stability_trajectories(trajectories: list[dict]) -> go.Figure:
         fig.add_scatter(x=t["h_steps"], y=t["loss"], row=row, col=3, legendgroup=t["injection"],
                         line=dict(color=colour, width=1.2), showlegend=False)
     for row in range(1, len(lrs) + 1):
-        fig.add_hline(y=1, line=dict(dash="dot", color="black", width=1), row=row, col=1)
-        fig.add_hline(y=1e4, line=dict(dash="dot", color="black", width=1), row=row, col=2)
+        fig.add_hline(y=1, line=dict(dash="dot", color="black", width=1), row=row, col=1, layer="below")
+        fig.add_hline(y=1e4, line=dict(dash="dot", color="black", width=1), row=row, col=2, layer="below")
         fig.update_yaxes(type="log", row=row, col=2)
         fig.update_yaxes(type="log", row=row, col=1)
-    fig.update_layout(title="C2: ρ(Ā) (dotted: 1), max ‖h_T‖ (dotted: the 1e4 bound) and loss, seed 0",
+    fig.update_layout(title="C2: ρ(Ā) (dotted: 1; add sits on it), max ‖h_T‖ (dotted: the 1e4 bound) and loss, "
+                            "seed 0",
                       height=220 * max(len(lrs), 1) + 80, width=1100, **LAYOUT)
     return fig
 
