@@ -10,7 +10,7 @@ only door into the lab) does not load torch.
 
 from __future__ import annotations
 
-import importlib
+from stabilitylab.lazy import lazy_namespace
 
 __version__ = "0.1.0"
 
@@ -24,14 +24,4 @@ _EXPORTS = {
     "LoopTrace": "stabilitylab.model",
     "sample_depth": "stabilitylab.model",
 }
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'stabilitylab' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ the dashboard can fit laws without importing torch; `events` is numpy and pandas
 
 from __future__ import annotations
 
-import importlib
+from stabilitylab.lazy import lazy_namespace
 
 _MODULES = {
     "bounds": ("BoundResult", "Bounds", "CheckReport", "CheckSettings", "check_bounds", "load_bounds"),
@@ -21,15 +21,5 @@ _MODULES = {
     "spectra": ("JacobianSpectrum", "eigenvalues", "jacobian_spectral_radius", "loop_jacobian", "spectral_norm",
                 "spectral_radius"),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"stabilitylab.analysis.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'stabilitylab.analysis' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__, __all__ = lazy_namespace(
+    __name__, {name: f"{__name__}.{module}" for module, names in _MODULES.items() for name in names})

@@ -16,7 +16,7 @@ Names are imported lazily (PEP 562), so `stabilitylab.experiment` can import
 
 from __future__ import annotations
 
-import importlib
+from stabilitylab.lazy import lazy_namespace
 
 _EXPORTS = {
     "TrainConfig": "stabilitylab.train.config",
@@ -26,10 +26,4 @@ _EXPORTS = {
     "run_sweep": "stabilitylab.train.sweep",
     "eval_run": "stabilitylab.train.evaluate",
 }
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'stabilitylab.train' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, _EXPORTS)
