@@ -17,13 +17,7 @@ HENON_A, HENON_B = 1.4, 0.3
 HENON_EXPONENTS = (0.41922, -1.62319)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: one thread avoids OpenMP stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny problems, one torch thread
 
 
 def henon(x):

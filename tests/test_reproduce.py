@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 
 from stabilitylab.experiment import build_experiment, read_experiment
 from stabilitylab.model.flops import training_flops_per_token
@@ -67,16 +66,6 @@ def shrink(name: str, folder: Path, cache: Path) -> Path:
     path.write_text(tomli_w.dumps(raw))
     read_experiment(path)  # still a valid experiment
     return path
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: on this shared machine two threads spin against other jobs, and
-    the tiny sweeps took 330 s instead of 28 s (measured under load ~8)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

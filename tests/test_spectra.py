@@ -20,13 +20,7 @@ DECAY = math.sqrt(1 / 5)
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: one thread avoids OpenMP stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny problems, one torch thread
 
 
 def spiked_map(n, seed=0):
