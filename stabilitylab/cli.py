@@ -15,6 +15,15 @@ from stabilitylab.config import ConfigError
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
 
 
+def _add_lab(p: argparse.ArgumentParser, what: str = "lab directory") -> None:
+    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"{what} (default: {DEFAULT_LAB}/)")
+
+
+def _add_sets(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help=f"override a field{example} (repeatable)")
+
+
 def _add_trace(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace", help="print the loop trace of fresh models, one per injection")
     p.add_argument("--injection", default="all", help="injection to trace, or all")
@@ -83,9 +92,8 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one run of an experiment (under torchrun: data-parallel)")
     p.add_argument("experiment", help="experiment TOML file, e.g. experiments/quick.toml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="override a field, e.g. --set train.lr=1e-2 (repeatable)")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
+    _add_sets(p, ", e.g. --set train.lr=1e-2")
+    _add_lab(p)
     p.add_argument("--run-id", help="run name inside the lab (default: the experiment's name)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -117,10 +125,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train every cell of an experiment's [sweep] grid × seeds (resumable)")
     p.add_argument("experiment", help="experiment TOML file with a [sweep] table")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="override a field in every cell, e.g. --set train.steps=100 (repeatable)")
+    _add_sets(p, " in every cell, e.g. --set train.steps=100")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes (default 1)")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab directory (default: {DEFAULT_LAB}/)")
+    _add_lab(p)
     p.set_defaults(handler=_cmd_sweep)
 
 
@@ -142,7 +149,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss at test depths from a run's newest checkpoint")
     p.add_argument("run", help="run directory, or run id inside --lab")
     p.add_argument("--depths", type=int, nargs="+", help="loop depths (default: the run's train.eval_depths)")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding RUN (default: {DEFAULT_LAB}/)")
+    _add_lab(p, "lab holding RUN")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -192,7 +199,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory, or run id inside --lab")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
     p.add_argument("--out", default=None, help="output directory (default: exports/<run id>)")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding RUN (default: {DEFAULT_LAB}/)")
+    _add_lab(p, "lab holding RUN")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -401,7 +408,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random tokens and h_0 (default: the run's train.seed, else 0)")
     p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to analyse on")
     p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    _add_lab(p, "lab holding a run id")
     p.set_defaults(handler=_cmd_analyze)
 
 
@@ -449,7 +456,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to check on")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML, one testcase per bound")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    _add_lab(p, "lab holding a run id")
     p.set_defaults(handler=_cmd_check)
 
 
@@ -475,7 +482,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _add_events(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("events", help="loss spikes, divergence and early warnings (with lead times) of runs")
     p.add_argument("target", help="a run (directory, or run id inside --lab) or a lab (every run in it)")
-    p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"lab holding a run id (default: {DEFAULT_LAB}/)")
+    _add_lab(p, "lab holding a run id")
     p.add_argument("--write", action="store_true",
                    help="log early_warning events (and spikes / divergence the run lacks) into each run, and "
                         "the report as its result 'events'; what the trainer recorded stays")
