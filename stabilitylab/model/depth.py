@@ -20,8 +20,9 @@ global RNG, so a resumed run samples the same depths.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,10 +35,16 @@ LOGNORMAL_SIGMA = 0.5
 
 @dataclass(frozen=True)
 class Depth:
-    """n no-grad iterations, then k iterations with gradient (ints or per-element tensors)."""
+    """n no-grad iterations, then k iterations with gradient (ints or per-element tensors).
+
+    n_max and k_max, the loop's trip counts, are read once here, on the host, and travel with
+    `to(device)`: the loop needs them as ints, and reading them from device tensors would
+    stall the device every forward."""
 
     n: int | Tensor
     k: int | Tensor
+    n_max: int = field(init=False, repr=False, compare=False)
+    k_max: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n_min, k_min = _min(self.n), _min(self.k)
@@ -48,6 +55,8 @@ class Depth:
                 f"depth: every element needs at least one loop iteration, got n={self.n}, k={self.k}. "
                 "Fix: pass depth ≥ 1 (a looped model with depth 0 never reads its input)"
             )
+        object.__setattr__(self, "n_max", _max(self.n))
+        object.__setattr__(self, "k_max", _max(self.k))
 
     @classmethod
     def of(cls, total: int, backprop: int) -> "Depth":
@@ -66,14 +75,6 @@ class Depth:
         return isinstance(self.n, int) and isinstance(self.k, int)
 
     @property
-    def n_max(self) -> int:
-        return _max(self.n)
-
-    @property
-    def k_max(self) -> int:
-        return _max(self.k)
-
-    @property
     def total_max(self) -> int:
         return self.n_max + self.k_max
 
@@ -82,10 +83,13 @@ class Depth:
         return _mean(self.n), _mean(self.k)
 
     def to(self, device: torch.device | str) -> "Depth":
-        def move(x: int | Tensor) -> int | Tensor:
-            return x.to(device) if isinstance(x, Tensor) else x
-
-        return Depth(move(self.n), move(self.k))
+        """The same depths with their tensors on `device` (checked and measured already)."""
+        moved = copy.copy(self)
+        for name in ("n", "k"):
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                object.__setattr__(moved, name, value.to(device))
+        return moved
 
 
 def _min(x: int | Tensor) -> int:
