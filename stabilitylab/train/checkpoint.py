@@ -1,9 +1,10 @@
 """Checkpoints: the model in safetensors, everything else a resume needs beside it.
 
     checkpoints/step_000000100.safetensors   model weights (RunWriter.checkpoint_path)
-    checkpoints/step_000000100.state.pt      optimiser state, step, RNG state, the batch
-                                             sampler's (seed, step), the divergence monitor,
-                                             running totals; read with weights_only=True
+    checkpoints/step_000000100.state.pt      optimiser state, step, RNG state, the divergence
+                                             monitor, running totals, ρ(Ā); read with
+                                             weights_only=True (batches and depths follow
+                                             from the config's seed and the step)
 
 Each file is written under a temporary name and renamed into place, then indexed in
 the run store (with its sha256), so an indexed checkpoint is always complete.

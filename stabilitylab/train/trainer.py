@@ -189,12 +189,12 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
                         writer.log_eval(step, depth_value, {"val_loss": val_loss})
             if writer and (step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                 state = {"step": step, "optimizers": [opt.state_dict() for opt in optimizers],
-                         "rng": torch.get_rng_state(), "sampler": {"seed": tc.seed, "step": step},
-                         "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
+                         "rng": torch.get_rng_state(), "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
                 save_checkpoint(writer, step, model, state)
                 prune_checkpoints(writer, Run(run_dir, run_id), tc.keep_checkpoints)
+            bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{B * seq_len / seconds:,.0f}", rho=f"{rho:.3f}",
+                            refresh=False)  # update() redraws, at most every mininterval
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{B * seq_len / seconds:,.0f}", rho=f"{rho:.3f}")
         if monitor.first and status == "finished":  # action "record": it diverged, and we watched
             first_step, detail = monitor.first
             status = "diverged"
