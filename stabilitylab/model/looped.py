@@ -47,10 +47,13 @@ class LoopTrace:
     h0_norm_mean: Tensor
 
     def to_dict(self) -> dict[str, list[float] | float]:
-        """Plain Python numbers (one device sync)."""
-        out: dict[str, list[float] | float] = {k: getattr(self, k).tolist() for k in TRACE_FIELDS}
-        out["e_norm_mean"] = float(self.e_norm_mean)
-        out["h0_norm_mean"] = float(self.h0_norm_mean)
+        """Plain Python numbers (one device sync: everything is read as one tensor)."""
+        rows = [getattr(self, k).float() for k in TRACE_FIELDS]
+        flat = torch.cat([*rows, self.e_norm_mean.float().view(1), self.h0_norm_mean.float().view(1)]).tolist()
+        out: dict[str, list[float] | float] = {}
+        for k, r in zip(TRACE_FIELDS, rows):
+            out[k], flat = flat[:len(r)], flat[len(r):]
+        out["e_norm_mean"], out["h0_norm_mean"] = flat
         return out
 
 
