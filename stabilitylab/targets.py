@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from stabilitylab import records
 from stabilitylab.analysis.bounds import BATCH_BOUNDS, Bounds, CheckReport, CheckSettings, check_bounds
 from stabilitylab.config import ConfigError
 from stabilitylab.data import prepare
@@ -47,7 +48,6 @@ from stabilitylab.model import LoopedLM
 from stabilitylab.model.imports import is_parcae_checkpoint, load_parcae_checkpoint
 from stabilitylab.store import DB_NAME, DEFAULT_LAB, Run, StoreError, open_run
 from stabilitylab.train.checkpoint import checkpoint_at
-from stabilitylab.train.probes import PROBE_SALT
 
 KINDS = ("run", "checkpoint", "parcae_lm")
 DEFAULT_SEQ_LEN = 64  # random-token batches: tokens per sequence (capped at the model's block_size)
@@ -112,7 +112,7 @@ class Target:
             raise ConfigError("seq_len", f"{x.shape[1]} tokens exceed the model's block_size {cfg.block_size}",
                               "pass shorter sequences")
         weight = next(self.model.parameters())
-        generator = torch.Generator().manual_seed(seed ^ PROBE_SALT)
+        generator = torch.Generator().manual_seed(seed ^ records.PROBE_SALT)
         h0 = self.model.draw_state(tuple(x.shape), weight.device, weight.dtype, generator)
         return Batch(x.contiguous(), y.contiguous(), h0)
 

@@ -70,7 +70,7 @@ def write_run(lab: Path, run_id: str, *, injection: str, lr: float, seed: int, s
                            "depth_n": 2, "depth_k": 2, "wall_time": 0.05 * s, "h_T_norm": h_norm[i],
                            "h_T_norm_mean": 0.6 * h_norm[i], "flops": 6 * 2e5 * tokens[i], "tokens": tokens[i]})
             if s in spikes:
-                writer.log_event(s, "loss_spike", f"loss {value:.3f} > 3 × running median")
+                writer.log_event(s, "spike", f"loss {value:.3f} > 3 × running median")
             if s % probe_every == 0:
                 t = np.arange(1, depth + 1)
                 norms = h_norm[i] * (rho[i] ** (t - depth) if unstable else 1 - 0.5 * 0.45 ** t)

@@ -3,8 +3,7 @@
 import pytest
 
 import stabilitylab as sl
-from stabilitylab.config import ConfigError, from_dict
-from stabilitylab.model.flops import count_parameters
+from stabilitylab.config import ConfigError, count_parameters, from_dict
 
 
 def test_defaults_are_the_small_cpu_setting():

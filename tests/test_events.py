@@ -13,18 +13,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stabilitylab.analysis.events import (DIVERGENCE, EARLY_WARNING, SPIKE, DivergenceRules, History, SpikeDetector,
+from stabilitylab.analysis.events import (DIVERGENCE, EARLY_WARNING, SPIKE, History, SpikeDetector,
                                           WarningRules, analyse, analyse_run, find_divergence, find_spikes, loop_rate,
-                                          state_forecast, warning_table)
+                                          run_divergence_config, state_forecast, warning_table)
 from stabilitylab.cli import main
+from stabilitylab.config import DivergenceConfig
 from stabilitylab.experiment import load_experiment
 from stabilitylab.store import RunWriter, open_run
-from stabilitylab.train.config import DivergenceConfig
 from stabilitylab.train.divergence import DivergenceMonitor
 from stabilitylab.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = DivergenceRules(max_loss=20.0, max_state_norm=1e4, spike_window=50, spike_k=6.0)
+LIMITS = DivergenceConfig(max_loss=20.0, max_state_norm=1e4, spike_window=50, spike_k=6.0)
 TOKENS_PER_STEP, FLOPS_PER_STEP = 256, 1e9
 
 
@@ -204,7 +204,7 @@ def test_bad_rules_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="no 'loss' series"):
         History(scalars={})
     with pytest.raises(ValueError, match="divergence.max_loss"):
-        DivergenceRules.from_config({"divergence": {"max_state_norm": 1.0}})
+        run_divergence_config({"divergence": {"max_state_norm": 1.0}})
 
 
 # ---- the trainer and the analysis agree -------------------------------------------------------
@@ -222,7 +222,7 @@ def test_the_trainer_and_the_offline_rule_flag_the_same_spikes(values, window, k
             break
         online += [(step, detail) for kind, detail in verdict.events if kind == SPIKE]
     loss = series(values)
-    stop = find_divergence({"loss": loss}, DivergenceRules(math.inf, 1e4, window, k))
+    stop = find_divergence({"loss": loss}, DivergenceConfig(max_loss=math.inf, max_state_norm=1e4, spike_window=window, spike_k=k))
     if stop:
         loss = loss[loss.index < stop.step]
     assert [(s.step, s.detail) for s in find_spikes(loss, window, k)] == online

@@ -120,7 +120,7 @@ def test_a_config_survives_its_json_round_trip():
 
 
 def test_a_flop_budget_sets_the_steps_so_every_depth_of_a_grid_spends_the_same_flops(tmp_path):
-    from stabilitylab.model.flops import training_flops_per_token
+    from stabilitylab.config import training_flops_per_token
 
     path = write(tmp_path, '[model]\npreset = "tiny"\nvocab_size = 256\n[data]\nseq_len = 32\n'
                            '[train]\nbatch_size = 4\n[sweep.grid]\n"train.flop_budget" = [1e10, 4e10]\n'

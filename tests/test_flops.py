@@ -3,7 +3,7 @@
 import pytest
 
 import stabilitylab as sl
-from stabilitylab.model.flops import count_parameters, inference_flops_per_token, training_flops_per_token
+from stabilitylab.config import count_parameters, inference_flops_per_token, training_flops_per_token
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(looped=False), dict(d_state=32, n_state_heads=2, injection="concat"),

@@ -13,7 +13,7 @@ import pytest
 import tomli_w
 
 from stabilitylab.experiment import build_experiment, read_experiment
-from stabilitylab.model.flops import training_flops_per_token
+from stabilitylab.config import training_flops_per_token
 from stabilitylab.store import list_runs
 from stabilitylab.train.sweep import run_sweep
 

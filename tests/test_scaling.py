@@ -16,7 +16,7 @@ from stabilitylab.analysis.scaling import (CHINCHILLA, TEST_TIME_FORMS, TRAINING
                                           fit_law, fit_test_time, fit_test_time_forms, fit_training, fit_unified,
                                           optimal_allocation)
 from stabilitylab.cli import main
-from stabilitylab.model.flops import ParameterCount
+from stabilitylab.config import ParameterCount
 
 CHINCHILLA_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "external" / "chinchilla_svg_extracted_data.csv"
 

@@ -75,7 +75,7 @@ def write_run(lab: Path, run_id: str = "r", steps: int = 30, *, finish: bool = T
                 w.log_spectrum(step, [0.5 + 0.1j, 0.5 - 0.1j, -0.25], norm_a=0.6, norm_b=1.0, norm_e=2.0)
                 w.log_eval(step, 2, {"val_loss": 5.0 / step})
                 w.log_eval(step, 8, {"val_loss": 4.5 / step})
-        w.log_event(steps, "loss_spike", "loss ×3")
+        w.log_event(steps, "spike", "loss ×3")
         w.checkpoint_path(steps).write_bytes(b"weights")
         w.add_checkpoint(steps)
         w.log_analysis("lyapunov", steps, [-0.1, -0.7])
@@ -126,7 +126,7 @@ def test_every_kind_of_record_reads_back(tmp_path):
     np.testing.assert_array_equal(spectra["eigenvalues"].iloc[0], [0.5 + 0.1j, 0.5 - 0.1j, -0.25])
     evals = run.evals()
     assert set(evals["depth"]) == {2, 8} and evals.query("step == 30 and depth == 8")["value"].item() == 0.15
-    assert run.events()[["step", "kind", "detail"]].values.tolist() == [[30, "loss_spike", "loss ×3"]]
+    assert run.events()[["step", "kind", "detail"]].values.tolist() == [[30, "spike", "loss ×3"]]
     np.testing.assert_array_equal(run.analysis("lyapunov")["values"].iloc[0], [-0.1, -0.7])
     assert run.results() == {"depth_law": {"L_inf": 2.0, "Z": 1.5}}
     ckpt = run.checkpoints().iloc[0]

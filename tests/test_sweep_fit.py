@@ -11,7 +11,7 @@ import pytest
 import stabilitylab as sl
 from stabilitylab.analysis.sweep import COLUMNS, sweep_points
 from stabilitylab.cli import main
-from stabilitylab.model.flops import count_parameters
+from stabilitylab.config import count_parameters
 from stabilitylab.store import RunWriter, find_runs, open_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import stabilitylab as sl
 from stabilitylab.experiment import load_experiment
 from stabilitylab.store import RunWriter, open_run
-from stabilitylab.train.config import DivergenceConfig, TrainConfig
+from stabilitylab.config import DivergenceConfig, TrainConfig
 from stabilitylab.train.divergence import DivergenceMonitor, SpikeDetector
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles
 from stabilitylab.train.probes import analysis_probe, injection_spectrum

@@ -8,13 +8,14 @@ import streamlit as st
 from dashkit import charts, names, session, widgets
 from dashkit import lab as labdata
 from dashkit.series import ema, seed_band, value_at
+from stabilitylab import records
 
 PANELS = [  # title, source ("scalar" or "spectra"), name, log y by default, reference line
     ("loss", "scalar", names.SCALARS["loss"], False, None),
     ("grad norm", "scalar", names.SCALARS["grad_norm"], True, None),
-    ("ρ(Ā)", "spectra", "rho", False, 1.0),
+    ("ρ(Ā)", "spectra", records.RHO, False, 1.0),
     ("max ‖h_T‖", "scalar", names.SCALARS["state_norm"], True, None),
-    ("‖e‖", "spectra", "norm_e", False, None),
+    ("‖e‖", "spectra", records.NORM_E, False, None),
 ]
 X_AXES = {"step": None, "tokens": names.SCALARS["tokens"], "FLOPs": names.SCALARS["flops"]}
 HALF_LIVES = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]

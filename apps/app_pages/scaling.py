@@ -10,25 +10,7 @@ from dashkit import charts, fits, names, session, widgets
 from dashkit import lab as labdata
 
 MAX_CURVES = 8
-
-
-def sweep_points(lab: str, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, test depth T) at the run's last evaluation: L (val loss), D (tokens),
-    C (FLOPs), N = C / 6D (FLOP-equivalent parameters) and μ_rec from the config."""
-    rows = []
-    wanted = (names.SCALARS["tokens"], names.SCALARS["flops"])
-    for r in runs.itertuples():
-        ev = labdata.evals(lab, r.run_id, r.token)
-        val = ev[ev["metric"] == names.VAL_LOSS]
-        if val.empty:
-            continue
-        last = val[val["step"] == val["step"].max()]
-        final = {n: v[-1] for n, (_, v) in labdata.scalars(lab, r.run_id, r.token, wanted).items()}
-        D, C = final.get(wanted[0], np.nan), final.get(wanted[1], np.nan)
-        for depth, value in zip(last["depth"], last["value"]):
-            rows.append({"run": r.run_id, "T": depth, "L": value, "D": D, "C": C, "N": C / (6 * D),
-                         "mu_rec": r.mu_rec})
-    return pd.DataFrame(rows, columns=["run", "T", "L", "D", "C", "N", "mu_rec"])
+PAST_TRAINING = "T > μ_rec"  # hold out every point evaluated deeper than its run was trained (the CLI's rule)
 
 
 lab, runs = session.lab(), session.runs()
@@ -51,13 +33,19 @@ else:
     experiments = runs["experiment"].value_counts().index.tolist()  # the largest sweep first
     experiment = st.selectbox("sweep (experiment)", experiments, key="scaling_experiment")
     members = runs[runs["experiment"] == experiment].rename(columns={names.config_column("mu_rec"): "mu_rec"})
-    chosen = st.multiselect("runs", members["run_id"], members.loc[members["status"] != "diverged", "run_id"],
-                            key=f"scaling_runs_{experiment}", help="diverged runs are left out by default")
-    points = sweep_points(lab, members[members["run_id"].isin(chosen)])
+    chosen = st.multiselect("runs", members["run_id"], members.loc[members["status"] == "finished", "run_id"],
+                            key=f"scaling_runs_{experiment}", help="only finished runs by default, as "
+                            "`stabilitylab fit --lab` fits them")
+    picked = members[members["run_id"].isin(chosen)]
+    try:
+        points = labdata.sweep_points(lab, tuple(zip(picked["run_id"], picked["token"])))
+    except ValueError as err:
+        st.warning(str(err))
+        st.stop()
     if "T" not in spec.inputs:  # one point per run: evaluated at its training depth
         points = points[points["T"] == points["mu_rec"]]
-    st.caption("N = C / 6D is the FLOP-equivalent parameter count (6 FLOPs per parameter per token); "
-               "per-run laws use the evaluation at T = μ_rec.")
+    st.caption("N = N_static + μ_rec · N_core: the unrolled non-embedding parameters (docs/scaling.md), "
+               "the N of `stabilitylab fit --lab`; per-run laws use the evaluation at T = μ_rec.")
 
 numeric = [col for col in points.columns if pd.api.types.is_numeric_dtype(points[col])]
 mapping = {}
@@ -74,14 +62,19 @@ if data is None or data.empty:
 data = data[np.isfinite(data).all(axis=1)].reset_index(drop=True)
 
 c = st.columns([1, 1, 1])
-held_by = c[0].selectbox("hold out points with", ["nothing", *spec.inputs], key="scaling_hold_by",
-                         index=1 + spec.inputs.index("T") if "T" in spec.inputs else 0,
-                         help="e.g. T > μ_rec: how well the law extrapolates past the training depth")
-default = points["mu_rec"].median() if held_by == "T" and "mu_rec" in points else data.get(held_by, data["L"]).median()
+past = {"T", "mu_rec"} <= set(mapping)
+choices = ["nothing", *([PAST_TRAINING] if past else []), *spec.inputs]
+held_by = c[0].selectbox("hold out points with", choices, key=f"scaling_hold_by_{law}",
+                         index=choices.index(PAST_TRAINING if past else "T") if "T" in spec.inputs else 0,
+                         help="T > μ_rec: how well the law extrapolates past the depth each run was trained at")
+by_value = held_by not in ("nothing", PAST_TRAINING)
+default = points["mu_rec"].median() if held_by == "T" and "mu_rec" in points else \
+    data[held_by].median() if by_value else 0.0
 threshold = c[1].number_input("greater than", value=float(default), key=f"scaling_threshold_{held_by}",
-                              disabled=held_by == "nothing")
+                              disabled=not by_value)
 bootstrap = c[2].select_slider("bootstrap resamples", [0, 20, 50, 100], value=50, key="scaling_bootstrap")
-holdout = (data[held_by] > threshold).to_numpy() if held_by != "nothing" else np.zeros(len(data), bool)
+holdout = ((data["T"] > data["mu_rec"]).to_numpy() if held_by == PAST_TRAINING
+           else (data[held_by] > threshold).to_numpy() if by_value else np.zeros(len(data), bool))
 
 if (~holdout).sum() < len(spec.params):
     st.warning(f"{int((~holdout).sum())} points to fit, but {spec.formula} has {len(spec.params)} parameters.")

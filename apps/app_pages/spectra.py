@@ -9,6 +9,7 @@ import streamlit as st
 from dashkit import charts, names, session, widgets
 from dashkit import lab as labdata
 from dashkit.series import decay_rates
+from stabilitylab import records
 
 ANIMATION_FRAMES = 40
 
@@ -23,7 +24,7 @@ if spectra.empty:
 else:
     steps = spectra["step"].to_numpy()
     norms = [(key, label, steps, spectra[key].to_numpy()) for key, label in names.SPECTRA.items()
-             if key in ("rho", "norm_a") and spectra[key].notna().any()]
+             if key in (records.RHO, records.NORM_A) and spectra[key].notna().any()]
     widgets.chart(charts.lines_figure("ρ(Ā) and ‖Ā‖₂ over training", norms, x_title="training step", hline=1.0),
                   spectra.drop(columns="eigenvalues"), f"spectra_{run_id}_norms")
 

@@ -29,7 +29,7 @@ def build(config: dict, spectrum: dict | None) -> nx.DiGraph:
     d_state = get("d_state") or d_model
     depth = int(get("mu_rec", 4))
     backprop = get("mu_bwd") or math.ceil(depth / 2)
-    rho = (spectrum or {}).get("rho", math.nan)
+    rho = (spectrum or {}).get(names.RHO, math.nan)
     a_text = ", ".join(f"{label} = {spectrum[key]:.4g}" for key, label in names.SPECTRA.items()
                        if spectrum and key in spectrum and np.isfinite(spectrum[key]))
     g = nx.DiGraph()

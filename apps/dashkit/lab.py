@@ -16,6 +16,7 @@ import streamlit as st
 
 from dashkit import names
 from stabilitylab import store
+from stabilitylab.analysis import sweep
 
 REFERENCE_LAB = Path(__file__).resolve().parents[2] / "data" / "reference-lab"
 CACHE = dict(show_spinner=False, max_entries=512)
@@ -95,6 +96,13 @@ def events(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
 @st.cache_data(**CACHE)
 def analysis(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
     return run(lab, run_id).analysis()
+
+
+@st.cache_data(**CACHE)
+def sweep_points(lab: str, runs: tuple[tuple[str, tuple], ...]) -> pd.DataFrame:
+    """The scaling-law points of (run_id, token) runs: analysis.sweep.sweep_points, the very
+    points `stabilitylab fit --lab` fits (N = N_static + μ_rec · N_core)."""
+    return sweep.sweep_points(run(lab, run_id) for run_id, _ in runs)
 
 
 @st.cache_data(**CACHE)

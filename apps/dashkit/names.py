@@ -5,33 +5,35 @@ gracefully (a note, no chart) when a run did not record one. Users can plot any 
 recorded scalar by picking it on the Compare page.
 """
 
+from stabilitylab import records
+
 # role -> scalar name as the trainer logs it
 SCALARS = {
-    "loss": "loss",
-    "grad_norm": "grad_norm",
-    "state_norm": "h_T_norm",  # max ‖h_T‖ over the batch
-    "tokens": "tokens",  # cumulative training tokens
-    "flops": "flops",  # cumulative training FLOPs
+    "loss": records.LOSS,
+    "grad_norm": records.GRAD_NORM,
+    "state_norm": records.STATE_NORM,  # max ‖h_T‖ over the batch
+    "tokens": records.TOKENS,  # cumulative training tokens
+    "flops": records.FLOPS,  # cumulative training FLOPs
 }
 
 # per-iteration loop statistics (LoopTrace fields); the first is the default view
-TRACES = ("state_norm_mean", "state_norm_max", "delta_norm_mean", "rel_residual", "cosine")
+TRACES = records.TRACE_FIELDS
 
-# spectra columns: ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂, ‖e‖
-SPECTRA = {"rho": "ρ(Ā)", "norm_a": "‖Ā‖₂", "norm_b": "‖B̄‖₂", "norm_c": "‖C‖₂", "norm_e": "‖e‖"}
+# spectra columns and their labels: ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂, ‖e‖
+SPECTRA = dict(zip(records.SPECTRUM_FIELDS, ("ρ(Ā)", "‖Ā‖₂", "‖B̄‖₂", "‖C‖₂", "‖e‖")))
+RHO = records.RHO
 
-# analysis arrays written by `stabilitylab analyze`
-ANALYSIS = {"jacobian_radius": "jacobian_radius", "lyapunov": "lyapunov"}
+# analysis arrays written by `stabilitylab analyze` and the analysis probe
+ANALYSIS = {"jacobian_radius": records.JACOBIAN_RADIUS, "lyapunov": records.LYAPUNOV}
 
 # evaluation metric of the test-time depth curve
-VAL_LOSS = "val_loss"
+VAL_LOSS = records.VAL_LOSS
 
 # event kind -> (legend label, plotly marker symbol); other kinds draw as OTHER_EVENT
 EVENTS = {
-    "loss_spike": ("loss spike", "triangle-up"),
-    "spike": ("loss spike", "triangle-up"),
-    "divergence": ("divergence", "x"),
-    "early_warning": ("early warning", "diamond"),
+    records.SPIKE: ("loss spike", "triangle-up"),
+    records.DIVERGENCE: ("divergence", "x"),
+    records.EARLY_WARNING: ("early warning", "diamond"),
 }
 OTHER_EVENT = ("event", "circle-open")
 

@@ -45,7 +45,7 @@ The run's warning is the earliest signal to fire. Against the divergence step d 
                                                         run is not complete (still running, failed)
 
 `warning_table` counts outcomes over runs: recall = early / diverged, precision =
-early / fired (pending runs left out) — how far the warning can be trusted (PARCAE.md §3 C2).
+early / fired (pending runs left out) — how far the warning can be trusted (docs/parcae.md, claim C2).
 """
 
 from __future__ import annotations
@@ -59,10 +59,13 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-SPIKE, DIVERGENCE, EARLY_WARNING = "spike", "divergence", "early_warning"  # event kinds (the dashboard marks them)
+from stabilitylab.config import DivergenceConfig, from_dict
+from stabilitylab.records import (DIVERGENCE, EARLY_WARNING, FLOPS, GRAD_NORM, JACOBIAN_RADIUS, LOSS, LYAPUNOV, RHO,
+                                  SPIKE, STATE_NORM, TOKENS, TRACE_DELTA_NORM_MEAN, TRACE_STATE_NORM_MEAN)
+
 SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend")
 OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
-HISTORY_SCALARS = ("loss", "grad_norm", "h_T_norm", "tokens", "flops")
+HISTORY_SCALARS = (LOSS, GRAD_NORM, STATE_NORM, TOKENS, FLOPS)
 
 
 # ---- spikes ------------------------------------------------------------------------------
@@ -110,24 +113,18 @@ def find_spikes(loss: pd.Series, window: int, k: float) -> list[Spike]:
 
 # ---- divergence --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DivergenceRules:
-    """The trainer's divergence and spike settings (the fields of train.config.DivergenceConfig)."""
+RULE_FIELDS = ("max_loss", "max_state_norm", "spike_window", "spike_k")  # what the rules below read
 
-    max_loss: float
-    max_state_norm: float
-    spike_window: int
-    spike_k: float
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DivergenceRules":
-        """From a run's config dict (its [divergence] table)."""
-        table = config.get("divergence", {})
-        missing = [name for name in cls.__dataclass_fields__ if name not in table]
-        if missing:
-            raise ValueError(f"the run's config has no divergence.{missing[0]}; pass DivergenceRules(...) "
-                             "with the bounds it was trained under")
-        return cls(**{name: table[name] for name in cls.__dataclass_fields__})
+def run_divergence_config(config: Mapping[str, Any]) -> DivergenceConfig:
+    """The DivergenceConfig a run was trained under, from its config dict ([divergence]). A run
+    whose record lacks one of RULE_FIELDS is refused rather than judged by today's defaults."""
+    table = config.get("divergence", {})
+    missing = [name for name in RULE_FIELDS if name not in table]
+    if missing:
+        raise ValueError(f"the run's config has no divergence.{missing[0]}; pass DivergenceConfig(...) "
+                         "with the bounds it was trained under")
+    return from_dict(DivergenceConfig, table, section="divergence")
 
 
 def step_verdict(loss: float, grad_norm: float | None, state_norm: float | None, max_loss: float,
@@ -153,11 +150,11 @@ class Divergence:
     detail: str  # the trainer's words for it
 
 
-def find_divergence(scalars: Mapping[str, pd.Series], limits: DivergenceRules) -> Divergence | None:
+def find_divergence(scalars: Mapping[str, pd.Series], limits: DivergenceConfig) -> Divergence | None:
     """The first step at which the trainer's rules fire on recorded scalars: loss, and
     grad_norm and h_T_norm where recorded (series indexed by step)."""
-    grad, state = scalars.get("grad_norm", _empty()), scalars.get("h_T_norm", _empty())
-    for step, loss in scalars["loss"].items():
+    grad, state = scalars.get(GRAD_NORM, _empty()), scalars.get(STATE_NORM, _empty())
+    for step, loss in scalars[LOSS].items():
         terminal, crossed = step_verdict(float(loss), _at(grad, step), _at(state, step), limits.max_loss,
                                          limits.max_state_norm)
         if terminal:
@@ -192,8 +189,8 @@ class History:
     norms: pd.DataFrame = field(default_factory=pd.DataFrame)  # loop trace: ‖h_t‖, the same shape
 
     def __post_init__(self) -> None:
-        if "loss" not in self.scalars:
-            raise ValueError("history: no 'loss' series; spikes and divergence are read from it")
+        if LOSS not in self.scalars:
+            raise ValueError(f"history: no {LOSS!r} series; spikes and divergence are read from it")
 
     @classmethod
     def from_run(cls, run: Any) -> "History":
@@ -201,19 +198,19 @@ class History:
         long = run.scalars(HISTORY_SCALARS)
         scalars = {name: pd.Series(g["value"].to_numpy(), index=g["step"].to_numpy())
                    for name, g in long.groupby("name")}
-        if "loss" not in scalars:
+        if LOSS not in scalars:
             raise ValueError(f"{run.path}: the run recorded no loss yet")
         spectra = run.spectra()
-        traces = run.traces(["delta_norm_mean", "state_norm_mean"])
+        traces = run.traces([TRACE_DELTA_NORM_MEAN, TRACE_STATE_NORM_MEAN])
         analysis = run.analysis()
 
         def largest(name: str) -> pd.Series:  # ρ(∂F/∂h) is one number, λ₁ the largest exponent
             rows = analysis[analysis["name"] == name]
             return pd.Series([float(np.max(v)) for v in rows["values"]], index=rows["step"].to_numpy(), dtype=float)
 
-        return cls(scalars=scalars, rho=pd.Series(spectra["rho"].to_numpy(), index=spectra["step"].to_numpy()),
-                   jacobian_radius=largest("jacobian_radius"), lyapunov=largest("lyapunov"),
-                   increments=_frame(traces.get("delta_norm_mean")), norms=_frame(traces.get("state_norm_mean")))
+        return cls(scalars=scalars, rho=pd.Series(spectra[RHO].to_numpy(), index=spectra["step"].to_numpy()),
+                   jacobian_radius=largest(JACOBIAN_RADIUS), lyapunov=largest(LYAPUNOV),
+                   increments=_frame(traces.get(TRACE_DELTA_NORM_MEAN)), norms=_frame(traces.get(TRACE_STATE_NORM_MEAN)))
 
 
 def _frame(trace: Any) -> pd.DataFrame:
@@ -324,7 +321,7 @@ def _signals(history: History, rules: WarningRules, bound: float) -> dict[str, t
         q = pd.Series(loop_rate(history.increments.to_numpy(), history.norms.to_numpy(), rules.settled),
                       index=history.increments.index)
         out["loop_rate"] = (q, at_least(q, rules.rate), f"loop contraction rate q = {{:.4g}} ≥ {rules.rate:g}")
-    h_norm = history.scalars.get("h_T_norm")
+    h_norm = history.scalars.get(STATE_NORM)
     if h_norm is not None and len(h_norm) and math.isfinite(bound):
         tau = state_forecast(h_norm, bound, rules.trend_window)
         out["state_trend"] = (tau, tau.to_numpy() <= rules.horizon,
@@ -393,7 +390,7 @@ def early_warnings(history: History, divergence: Divergence | None, max_state_no
         outcome = "false_alarm" if complete else "pending"
         if divergence:
             lead = divergence.step - step
-            tokens, flops = (_difference(history.scalars.get(n), step, divergence.step) for n in ("tokens", "flops"))
+            tokens, flops = (_difference(history.scalars.get(n), step, divergence.step) for n in (TOKENS, FLOPS))
             outcome = "early" if lead >= 0 else "late"
         warnings.append(EarlyWarning(name, step, value, detail, lead, tokens, flops, outcome))
     warnings.sort(key=lambda w: (w.step, SIGNALS.index(w.signal)))
@@ -407,13 +404,13 @@ def _difference(series: pd.Series | None, start: int, stop: int) -> float | None
     return float(series[stop] - series[start])
 
 
-def analyse(history: History, limits: DivergenceRules, rules: WarningRules = WarningRules(),
+def analyse(history: History, limits: DivergenceConfig, rules: WarningRules = WarningRules(),
             complete: bool = True) -> RunEvents:
     """Spikes, divergence and early warnings of one history (`complete`: the run has ended).
     Spikes are searched as the trainer searches them: a terminal step (non-finite loss or
     gradient) is not checked."""
     divergence = find_divergence(history.scalars, limits)
-    loss = history.scalars["loss"]
+    loss = history.scalars[LOSS]
     if divergence and divergence.rule == "non_finite":
         loss = loss[loss.index < divergence.step]
     spikes = find_spikes(loss, limits.spike_window, limits.spike_k)
@@ -425,7 +422,7 @@ def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
     """`analyse` on a store Run, under the divergence settings it was trained with; complete
     once its status is finished or diverged."""
     complete = run.status()["status"] in ("finished", "diverged")
-    return analyse(History.from_run(run), DivergenceRules.from_config(run.config()), rules, complete)
+    return analyse(History.from_run(run), run_divergence_config(run.config()), rules, complete)
 
 
 def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
@@ -450,6 +447,7 @@ def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes", "DivergenceRules", "step_verdict",
+__all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes",
+           "RULE_FIELDS", "run_divergence_config", "step_verdict",
            "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
            "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "warning_table"]

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stabilitylab.config import ModelConfig
+from stabilitylab.config.sizes import VE_GATE_CHANNELS  # the gate reads the first 32 channels of its input
 
-VE_GATE_CHANNELS = 32  # the gate reads the first 32 channels of the normed input
 LOW_PRECISION = (torch.float16, torch.bfloat16)  # dtypes that norms and RoPE lift to float32
 
 

@@ -25,8 +25,7 @@ from stabilitylab.config import ModelConfig
 from stabilitylab.model.blocks import Block, RMSNorm, rope_table, scaled_orthogonal_
 from stabilitylab.model.depth import Depth
 from stabilitylab.model.injection import make_injection
-
-TRACE_FIELDS = ("state_norm_mean", "state_norm_max", "delta_norm_mean", "rel_residual", "cosine")
+from stabilitylab.records import E_NORM_MEAN, H0_NORM_MEAN, TRACE_FIELDS
 
 
 @dataclass
@@ -53,7 +52,7 @@ class LoopTrace:
         out: dict[str, list[float] | float] = {}
         for k, r in zip(TRACE_FIELDS, rows):
             out[k], flat = flat[:len(r)], flat[len(r):]
-        out["e_norm_mean"], out["h0_norm_mean"] = flat
+        out[E_NORM_MEAN], out[H0_NORM_MEAN] = flat
         return out
 
 

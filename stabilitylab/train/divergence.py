@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stabilitylab.analysis.events import DIVERGENCE, SPIKE, SpikeDetector, step_verdict
-from stabilitylab.train.config import DivergenceConfig
+from stabilitylab.analysis.events import SpikeDetector, step_verdict
+from stabilitylab.config import DivergenceConfig
+from stabilitylab.records import DIVERGENCE, SPIKE
 
 
 @dataclass

@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stabilitylab import records
 from stabilitylab.data import prepare
 from stabilitylab.experiment import build_experiment
 from stabilitylab.model import Depth, LoopedLM
 from stabilitylab.store import RunWriter, StoreError, open_run
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import latest_checkpoint, load_checkpoint
-
-EVAL_SALT = 0xE7A1  # keeps the evaluation h_0 apart from the training streams
 
 
 def stream_seed(*keys: int) -> int:
@@ -52,7 +51,7 @@ def evaluate(model: LoopedLM, batches: list[tuple[Tensor, Tensor]], depths: list
     try:
         for b, (x, y) in enumerate(batches):
             x, y = x.to(process.device), y.to(process.device)
-            h0 = global_initial_state(model, stream_seed(seed, b, EVAL_SALT), (global_batch, x.shape[1]), rows,
+            h0 = global_initial_state(model, stream_seed(seed, b, records.EVAL_SALT), (global_batch, x.shape[1]), rows,
                                       process.device) if model.cfg.looped else None
             for i, depth in enumerate(depths):
                 with autocast():
@@ -83,7 +82,7 @@ def eval_run(run_ref: str | Path, lab: str | Path, depths: list[int] | None = No
     result = evaluate(model, batches, depths, tc.seed, tc.batch_size, process)
     with RunWriter.attach(run.path) as writer:
         for depth, loss in result.items():
-            writer.log_eval(step, depth, {"val_loss": loss})
+            writer.log_eval(step, depth, {records.VAL_LOSS: loss})
     return step, result
 
 

@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
+from stabilitylab.config import TrainConfig
 from stabilitylab.model import LoopedLM
-from stabilitylab.train.config import TrainConfig
 
 ROLES = {"wte": "embedding", "value_embeds": "embedding", "prelude": "prelude", "prelude_norm": "prelude",
          "injection": "injection", "core": "core", "readout": "readout", "coda": "coda", "ln_f": "coda",

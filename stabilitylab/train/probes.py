@@ -29,14 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stabilitylab import records
 from stabilitylab.analysis import eigenvalues, loop_jacobian, loop_lyapunov, spectral_norm
+from stabilitylab.config import ProbeConfig, resolve_depth
 from stabilitylab.data import Corpus
 from stabilitylab.model import LoopedLM
 from stabilitylab.store import RunWriter
-from stabilitylab.train.config import ProbeConfig, resolve_depth
 
-PROBE_SALT = 0x9B0BE  # the probe batch's h_0 generator: apart from every training stream
-ANALYSIS_K = 8  # Jacobian eigenvalues and Lyapunov exponents per analysis probe
 
 
 def grad_norms(roles: dict[str, list[torch.nn.Parameter]], device: torch.device) -> dict[str, Tensor]:
@@ -83,16 +82,16 @@ def analysis_probe(model: LoopedLM, tokens: Tensor, h0: Tensor, depth: int, step
     """The Jacobian spectrum and Lyapunov exponents of the loop at the last position, logged
     with writer.log_analysis. A loop whose state has overflowed has neither: the reason is
     logged as a `probe_error` event instead (stabilitylab.analysis refuses non-finite states)."""
-    k = min(ANALYSIS_K, h0.shape[0] * h0.shape[-1])
+    k = min(records.ANALYSIS_K, h0.shape[0] * h0.shape[-1])
     try:
         jacobian = loop_jacobian(model, tokens, depth, position=-1, h0=h0, k=k)
         lyapunov = loop_lyapunov(model, tokens, depth, k=k, position=-1, h0=h0)
     except (ValueError, RuntimeError) as err:
-        writer.log_event(step, "probe_error", f"analysis: {err}")
+        writer.log_event(step, records.PROBE_ERROR, f"analysis: {err}")
         return
-    writer.log_analysis("jacobian_radius", step, jacobian.radius)
-    writer.log_analysis("jacobian_moduli", step, np.abs(jacobian.eigenvalues))
-    writer.log_analysis("lyapunov", step, lyapunov.exponents)
+    writer.log_analysis(records.JACOBIAN_RADIUS, step, jacobian.radius)
+    writer.log_analysis(records.JACOBIAN_MODULI, step, np.abs(jacobian.eigenvalues))
+    writer.log_analysis(records.LYAPUNOV, step, lyapunov.exponents)
 
 
 class Probes:
@@ -105,7 +104,7 @@ class Probes:
         self.depth = resolve_depth(cfg.trace_depth, model.cfg.mean_recurrence)
         x, _ = corpus.val_batches(1, cfg.batch_size, seq_len)[0]
         self.tokens = x.to(device)
-        generator = torch.Generator(device=device).manual_seed(seed ^ PROBE_SALT)
+        generator = torch.Generator(device=device).manual_seed(seed ^ records.PROBE_SALT)
         self.h0 = model.draw_state(tuple(x.shape), device, torch.float32, generator)
 
     def due(self, step: int) -> bool:
@@ -127,15 +126,16 @@ class Probes:
                 with self.autocast():
                     out = model(self.tokens, depth=self.depth, h0=self.h0, trace=True)
                 trace = out.trace.to_dict()
-                e_norm = trace["e_norm_mean"]
+                e_norm = trace[records.E_NORM_MEAN]
                 writer.log_trace(step, trace)
             if force or (cfg.spectrum_every and step % cfg.spectrum_every == 0):
                 if e_norm is None:
                     with self.autocast():
                         e_norm = float(model.encode(self.tokens).float().norm(dim=-1).mean())
                 s = injection_spectrum(model)
-                writer.log_spectrum(step, s.eigenvalues.numpy(), rho=s.rho, norm_a=s.norm_a, norm_b=s.norm_b,
-                                    norm_c=s.norm_c, norm_e=e_norm)
+                writer.log_spectrum(step, s.eigenvalues.numpy(), **{
+                    records.RHO: s.rho, records.NORM_A: s.norm_a, records.NORM_B: s.norm_b, records.NORM_C: s.norm_c,
+                    records.NORM_E: e_norm})
                 rho = s.rho
             if cfg.analysis_every and (force or step % cfg.analysis_every == 0):
                 analysis_probe(model, self.tokens, self.h0, self.depth, step, writer)

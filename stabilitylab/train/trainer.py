@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from stabilitylab import records
 from stabilitylab.config import ConfigError
 from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig
@@ -94,7 +95,7 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
     optimizers = build_optimizers(model, tc)
     roles = parameter_roles(model)
     monitor = DivergenceMonitor(exp.divergence)
-    totals = {"tokens": 0, "flops": 0.0, "wall_time": 0.0}
+    totals = {records.TOKENS: 0, records.FLOPS: 0.0, records.WALL_TIME: 0.0}
     start, rho = 0, math.nan
     checkpoint = latest_checkpoint(run) if resume else None
     if checkpoint:
@@ -130,7 +131,7 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
     # ---- the loop ------------------------------------------------------------------------
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and process.main), desc=run_id,
                dynamic_ncols=True)
-    clock = time.perf_counter() - totals["wall_time"]
+    clock = time.perf_counter() - totals[records.WALL_TIME]
     with writer or contextlib.nullcontext():
         for step in range(start + 1, tc.steps + 1):
             t0 = time.perf_counter()
@@ -159,16 +160,18 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
             seconds = time.perf_counter() - t0
 
             n_mean, k_mean = depth.mean()
-            totals["tokens"] += B * seq_len
-            totals["flops"] += training_flops_per_token(cfg, seq_len, n_mean, k_mean, params=params).total * B * seq_len
-            totals["wall_time"] = time.perf_counter() - clock
+            totals[records.TOKENS] += B * seq_len
+            flops = training_flops_per_token(cfg, seq_len, n_mean, k_mean, params=params).total
+            totals[records.FLOPS] += flops * B * seq_len
+            totals[records.WALL_TIME] = time.perf_counter() - clock
             if writer:
-                scalars = {"loss": loss_v, "lr": tc.lr * factor, "grad_norm": total_v,
-                           **{f"grad_norm/{role}": v for role, v in zip(norms, values[4:])},
-                           "tokens_per_s": B * seq_len / seconds, **totals}
+                scalars = {records.LOSS: loss_v, records.LR: tc.lr * factor, records.GRAD_NORM: total_v,
+                           **{records.GRAD_NORM_ROLE.format(role=role): v for role, v in zip(norms, values[4:])},
+                           records.TOKENS_PER_S: B * seq_len / seconds, **totals}
                 if cfg.looped:  # the GPT baseline has no loop: no depths, no state
-                    scalars |= {"depth_n_mean": n_mean, "depth_k_mean": k_mean, "depth_total_max": depth.total_max,
-                                "h_T_norm": norm_max_v, "h_T_norm_mean": norm_mean_v}
+                    scalars |= {records.DEPTH_N_MEAN: n_mean, records.DEPTH_K_MEAN: k_mean,
+                                records.DEPTH_TOTAL_MAX: depth.total_max, records.STATE_NORM: norm_max_v,
+                                records.STATE_NORM_MEAN: norm_mean_v}
                 writer.log(step, scalars)
                 for kind, detail in verdict.events:
                     writer.log_event(step, kind, detail)
@@ -186,7 +189,7 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
                 result = evaluate(model, val_batches, eval_depths, tc.seed, B, process, autocast)
                 for depth_value, val_loss in result.items():
                     if writer:
-                        writer.log_eval(step, depth_value, {"val_loss": val_loss})
+                        writer.log_eval(step, depth_value, {records.VAL_LOSS: val_loss})
             if writer and (step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                 state = {"step": step, "optimizers": [opt.state_dict() for opt in optimizers],
                          "rng": torch.get_rng_state(), "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
