@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from stabilitylab import records
 from stabilitylab.config import ConfigError
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS, StoreError
 
@@ -47,12 +48,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         with torch.no_grad():
             out = model(tokens, depth=args.depth, trace=True)
         trace = out.trace.to_dict()
-        print(f"\n{name}: ‖e‖ = {trace['e_norm_mean']:.3f}, ‖h_0‖ = {trace['h0_norm_mean']:.3f}")
+        print(f"\n{name}: ‖e‖ = {trace[records.E_NORM_MEAN]:.3f}, ‖h_0‖ = {trace[records.H0_NORM_MEAN]:.3f}")
         print(f"{'t':>3} {'mean ‖h_t‖':>12} {'max ‖h_t‖':>12} {'‖h_t−h_t-1‖':>12} {'rel. resid.':>12} {'cos':>8}")
         for t in range(args.depth):
-            print(f"{t + 1:>3} {trace['state_norm_mean'][t]:12.4f} {trace['state_norm_max'][t]:12.4f} "
-                  f"{trace['delta_norm_mean'][t]:12.4f} {trace['rel_residual'][t]:12.4f} "
-                  f"{trace['cosine'][t]:8.4f}")
+            print(" ".join([f"{t + 1:>3}", *(f"{trace[f][t]:12.4f}" for f in records.TRACE_FIELDS[:-1]),
+                            f"{trace[records.TRACE_COSINE][t]:8.4f}"]))
     return 0
 
 

@@ -38,6 +38,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from stabilitylab import records
+
 DEFAULT_LAB = Path("runs")
 DB_NAME = "run.db"
 CONFIG_NAME = "config.json"
@@ -45,8 +47,8 @@ CHECKPOINT_DIR = "checkpoints"
 LOCK_NAME = "writer.lock"
 STATUSES = ("running", "finished", "diverged", "failed")
 EXPORT_FORMATS = ("csv", "parquet")
-LOSS_SCALAR = "loss"  # the scalar the summary's final_loss reads
-STATE_NORM_SCALAR = "h_T_norm"  # the scalar the summary's max_state_norm reads (‖h_T‖)
+LOSS_SCALAR = records.LOSS  # the scalar the summary's final_loss reads
+STATE_NORM_SCALAR = records.STATE_NORM  # the scalar the summary's max_state_norm reads (‖h_T‖)
 
 # ---- the schema ----------------------------------------------------------------------
 # Versioned by PRAGMA user_version. Scalars are wide: one row per step, one column v<id>
@@ -771,8 +773,7 @@ class Run:
             rows = con.execute(f"SELECT step, rho, norm_a, norm_b, norm_c, norm_e, eigenvalues FROM spectra "
                                f"WHERE {where} ORDER BY step", params).fetchall()
         rows = [(*r[:6], _array(r[6], "<c16")) for r in rows]
-        return _frame(rows, {"step": "int64", **dict.fromkeys(("rho", "norm_a", "norm_b", "norm_c", "norm_e"),
-                                                               "float64"), "eigenvalues": "object"})
+        return _frame(rows, {"step": "int64", **dict.fromkeys(records.SPECTRUM_FIELDS, "float64"), "eigenvalues": "object"})
 
     def evals(self) -> pd.DataFrame:
         """(step, depth, metric, value): evaluation at several test depths."""

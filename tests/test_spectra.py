@@ -146,8 +146,9 @@ def test_a_parcae_model_transition_has_the_init_decay_as_radius():
 def test_a_stable_dense_transition_has_radius_at_most_its_norm_and_below_one():
     A = tiny_model(injection="stable-dense").injection.transition().detach()
     assert A.ndim == 2
-    assert spectral_radius(A) <= spectral_norm(A) < 1.0
-    assert spectral_radius(A) != spectral_norm(A)
+    # ρ ≤ ‖·‖₂ holds exactly; the two LAPACK routines may each round by an ulp or so
+    assert spectral_radius(A) <= spectral_norm(A) * (1 + 1e-12) and spectral_norm(A) < 1.0
+    assert (A - torch.diag(torch.diagonal(A))).abs().max() > 0  # dense: it mixes channels
 
 
 def test_a_cupy_array_is_computed_on_and_returned_as_cupy(monkeypatch):

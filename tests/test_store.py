@@ -514,9 +514,10 @@ def test_open_run_takes_a_path_or_a_run_id_in_the_lab(tmp_path):
 
 
 def test_the_store_module_imports_no_torch_and_no_model_code():
+    """The store reads only the names list (which imports nothing) of the rest of the lab."""
     result = python("import stabilitylab.store; print(sorted(m for m in sys.modules if m.startswith('stabilitylab')))")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['stabilitylab', 'stabilitylab.store']"
+    assert result.stdout.strip() == "['stabilitylab', 'stabilitylab.records', 'stabilitylab.store']"
 
 
 # ---- command line ----------------------------------------------------------------------
