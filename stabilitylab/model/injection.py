@@ -1,4 +1,4 @@
-"""How the prompt enters the loop: h ↦ Ā h + B̄ e (PARCAE.md §1).
+"""How the prompt enters the loop: h ↦ Ā h + B̄ e (docs/parcae.md §1).
 
 Every injection is linear in (h, e), so it is described by two matrices:
 
