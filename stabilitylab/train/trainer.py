@@ -6,7 +6,8 @@ One step s = 1..S:
     lr     = peak · schedule(s)                                      (optim.lr_factor)
     rows   = this rank's share of the global batch of (seed, s)     (Corpus.get_batch)
     depths = sample_depth(model, s, seed) for the global batch, this rank's rows
-    h_0    = truncated normal for the global batch from a generator seeded by (seed, s)
+    h_0    = model.initial_state: for `truncnormal`, drawn for the global batch from a generator
+             seeded by (seed, s); `zero` and `seeded` need no draw
     loss   = mean over grad_accum micro-batches; backward; DDP all-reduces the gradients
     clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
     check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
