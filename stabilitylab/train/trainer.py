@@ -37,6 +37,7 @@ from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
 from stabilitylab.store import Run, RunWriter, StoreError
+from stabilitylab.store import _run_id_parts  # the store's run-id rule (made public by store/)
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from stabilitylab.train.divergence import DivergenceMonitor
@@ -54,13 +55,26 @@ def train(exp: ExperimentConfig, lab: str | Path = "runs", run_id: str | None = 
     status: finished or diverged. With resume=True continue the run from its newest
     checkpoint (from scratch if it has none). `source` (the experiment file) only
     locates config errors."""
+    run_id = run_id or exp.name
+    check_run_id(run_id)  # before the corpus, the model or the process group exist
     process = distributed.start(exp.train.device)
     try:
-        status = _train(exp, Path(lab), run_id or exp.name, resume, sweep_cell, source, progress, process)
+        status = _train(exp, Path(lab), run_id, resume, sweep_cell, source, progress, process)
         distributed.barrier()  # no rank tears the process group down while another still uses it
         return status
     finally:
         distributed.stop()
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id names a directory inside the lab, 'name' or 'group/name' (the store's rule);
+    one that would leave the lab (`../x`, an absolute path) or nest deeper is a ConfigError."""
+    try:
+        _run_id_parts(run_id)
+    except ValueError:
+        raise ConfigError("run_id", f"must be 'name' or 'group/name' inside the lab, got {run_id!r}",
+                          "Use no empty, '.'-leading or '..' part and no absolute path, e.g. sweep/lr-0.01"
+                          ) from None
 
 
 def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_cell: str | None,
