@@ -185,7 +185,7 @@ class Run:
             os.close(fd)
 
     def check(self) -> None:
-        """PRAGMA quick_check of run.db: every page's structure, about 1 ms per MB. Raises
+        """PRAGMA quick_check of run.db: every page's structure, about 2 ms per MiB here. Raises
         UnreadableRunError where a page is damaged, even one no summary would touch."""
         with self._connect() as con:
             check_integrity(con, self.db, "its records cannot be trusted")

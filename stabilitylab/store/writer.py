@@ -54,11 +54,11 @@ class RunWriter:
         try:
             self._con = sqlite3.connect(run_dir / DB_NAME, isolation_level=None)
             check_version(self._con, run_dir / DB_NAME)
+            check_integrity(self._con, run_dir / DB_NAME, "refusing to write into it")  # before any write
             if not _journal_mode(self._con, "WAL", patience=10.0):
                 raise StoreError(run_dir, "readers kept the run busy for 10 s; could not start writing",
                                  "retry; readers hold a run only for the length of one query")
             self._con.execute("PRAGMA synchronous = NORMAL")  # in WAL: durable against a process crash
-            check_integrity(self._con, run_dir / DB_NAME, "refusing to write into it")
             self._ids = dict(self._con.execute("SELECT name, id FROM scalar_columns"))
             self.status = self._con.execute("SELECT status FROM status ORDER BY id DESC LIMIT 1").fetchone()[0]
         except BaseException as err:
@@ -330,14 +330,16 @@ class RunWriter:
 
     def _set_failed(self, reason: str) -> None:
         """Status 'failed' with `reason`. If the buffered rows cannot be written (a full disk),
-        drop them and record the status alone: its one row fits where the failed write had
-        room, and every row committed before stays."""
+        drop them and record the status alone (after a checkpoint empties the -wal file):
+        every row committed before stays."""
         try:
             self.set_status("failed", reason=reason)
-        except StoreError as err:
+        except StoreError:
             lost = self._discard()
+            with contextlib.suppress(sqlite3.Error):  # move the -wal into run.db and start it over
+                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.set_status("failed", reason=f"{reason}; {lost} values logged since the last commit were not "
-                                             f"written ({err.problem})")
+                                             "written")
 
     def _discard(self) -> int:
         """Forget every buffered row (and the scalar names only they used); return how many values."""
