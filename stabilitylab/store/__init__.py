@@ -25,11 +25,11 @@ from stabilitylab.store.lab import (DEFAULT_LAB, EXPORT_FORMATS, compact_lab, co
 from stabilitylab.store.reader import LOSS_SCALAR, STATE_NORM_SCALAR, SUMMARY_COLUMNS, Run, Trace
 from stabilitylab.store.schema import (CHECKPOINT_DIR, CONFIG_NAME, DB_NAME, INSERTS, LOCK_NAME, NAN_BLOB, SCHEMA,
                                        SCHEMA_VERSION, STATUSES, STEP_TABLES, SchemaVersionError, StoreError,
-                                       UnreadableRunError)
+                                       UnreadableRunError, run_id_parts)
 from stabilitylab.store.writer import RunWriter
 
 __all__ = ["DEFAULT_LAB", "DB_NAME", "CONFIG_NAME", "CHECKPOINT_DIR", "LOCK_NAME", "SCHEMA_VERSION", "SCHEMA",
            "STEP_TABLES", "NAN_BLOB", "INSERTS", "STATUSES", "EXPORT_FORMATS", "LOSS_SCALAR", "STATE_NORM_SCALAR",
            "SUMMARY_COLUMNS", "StoreError", "SchemaVersionError", "UnreadableRunError", "RunWriter", "Run", "Trace",
            "find_runs", "open_run", "list_runs", "lab_token", "read_scalars", "compact_run", "compact_lab",
-           "export_run"]
+           "export_run", "run_id_parts"]

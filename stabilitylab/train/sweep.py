@@ -38,7 +38,7 @@ def run_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), lab: str
               progress: bool = True, report=print) -> list[CellResult]:
     """Train every cell of the experiment at `path` that is not done; return one result per cell."""
     raw = read_experiment(path, sets)
-    cells = sweep_cells(raw, path)
+    cells = sweep_cells(raw, path, sets)
     plan, results = [], []
     for cell in cells:
         run_id = f"{cell.config.name}/{cell.id}" if cell.id else cell.config.name
