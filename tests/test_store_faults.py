@@ -371,3 +371,22 @@ def test_the_loser_of_a_creation_race_is_told_to_choose_another_id(tmp_path, mon
     assert "choose a new run id" in str(err.value) and "chmod" not in str(err.value)
     assert Run(tmp_path / "r").meta()["experiment"] == "winner"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # the loser's hidden directory is gone
+
+
+def test_the_cli_reports_a_damaged_run_in_one_line_and_goes_on_with_the_lab(tmp_path, capsys):
+    from stabilitylab.analysis.fits import lab_points
+    from stabilitylab.cli import main
+
+    write_run(tmp_path, "good")
+    bad = write_run(tmp_path, "bad")
+    damage_page(bad / "run.db", root_page(bad / "run.db", "scalars"))
+    assert main(["runs", str(tmp_path)]) == 0
+    assert any(line.startswith("bad") and "unreadable" in line for line in capsys.readouterr().out.splitlines())
+    assert main(["export", "bad", "--lab", str(tmp_path), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"stabilitylab export: {bad / 'run.db'}: damaged database") and "\n" not in err
+    assert main(["events", str(tmp_path), "--write"]) == 0
+    out = capsys.readouterr().out
+    assert "bad: skipped (" in out and "damaged database" in out and "good  [finished]" in out and "wrote" in out
+    points = lab_points(tmp_path)
+    assert set(points.done["run"]) == {"good"} and points.skipped["bad"].startswith("unreadable (")
