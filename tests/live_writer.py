@@ -36,7 +36,8 @@ with RunWriter.create(sys.argv[1], "live", {{}}, experiment="live", flush_rows=1
 def start_writer(lab: Path) -> tuple[subprocess.Popen, Path]:
     """The writer process (it writes until killed) and its run directory, once it exists."""
     root = str(Path(stabilitylab.__file__).resolve().parents[1])
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(lab)], env={"PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(lab)],
+                              env={"PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 60
     while not (lab / "live" / "run.db").exists():
         if writer.poll() is not None or time.monotonic() > deadline:

@@ -302,7 +302,8 @@ class Run:
             rows = con.execute(f"SELECT step, rho, norm_a, norm_b, norm_c, norm_e, eigenvalues FROM spectra "
                                f"WHERE {where} ORDER BY step", params).fetchall()
         rows = [(*r[:6], blob_array(r[6], "<c16")) for r in rows]
-        return _frame(rows, {"step": "int64", **dict.fromkeys(records.SPECTRUM_FIELDS, "float64"), "eigenvalues": "object"})
+        return _frame(rows, {"step": "int64", **dict.fromkeys(records.SPECTRUM_FIELDS, "float64"),
+                             "eigenvalues": "object"})
 
     def evals(self) -> pd.DataFrame:
         """(step, depth, metric, value): evaluation at several test depths."""
