@@ -47,7 +47,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     add_sets(p, ", e.g. --set train.lr=1e-2")
     add_lab(p)
     p.add_argument("--run-id", help="run name inside the lab (default: the experiment's name)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest intact checkpoint (a damaged newer one is skipped, "
+                        "and said so)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="with --resume: continue from this step's checkpoint; what was recorded after it is dropped")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(handler=train)
 
@@ -60,11 +64,14 @@ def train(args: argparse.Namespace) -> int:
     from stabilitylab.train.distributed import is_main_process
     from stabilitylab.train.trainer import train as train_run
 
+    if args.checkpoint is not None and not args.resume:
+        raise UsageError("--checkpoint", "picks the checkpoint a resume starts from", "Add --resume")
     exp = load_experiment(args.experiment, args.sets)
     if (exp.sweep.grid or exp.sweep.seeds) and is_main_process():
         print(f"note: train ignores [sweep]; `stabilitylab sweep {args.experiment}` runs its cells", file=sys.stderr)
     run_id = args.run_id or exp.name
-    train_run(exp, args.lab, run_id, resume=args.resume, source=args.experiment, progress=args.progress)
+    train_run(exp, args.lab, run_id, resume=args.resume, checkpoint=args.checkpoint, source=args.experiment,
+              progress=args.progress)
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     run = open_run(run_id, args.lab)
