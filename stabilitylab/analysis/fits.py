@@ -32,7 +32,7 @@ import pandas as pd
 
 from stabilitylab.analysis import scaling
 from stabilitylab.analysis.sweep import sweep_points
-from stabilitylab.store import Run, RunWriter, find_runs
+from stabilitylab.store import Run, RunWriter, StoreError, find_runs
 
 ACROSS_RUNS = {"chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}
 FITS_DIR = "fits"  # LAB/fits/<experiment>.<law>.json
@@ -41,24 +41,32 @@ DEPTH_FIT_RESULT = "test_time_fit.{form}"  # a run's result holding its test-tim
 
 @dataclass
 class LabPoints:
-    """A lab's scaling points: `done` those of finished runs, `skipped` run → status of the rest."""
+    """A lab's scaling points: `done` those of finished runs, `skipped` run → status of the
+    rest, `unreadable` run → why the store could not read it (the others are still fitted)."""
 
     runs: dict[str, Run]
     done: pd.DataFrame
     skipped: dict[str, str]
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def lab_points(lab: str | Path, experiment: str | None = None) -> LabPoints:
     """The points of the lab's runs (of `experiment`, when given). Raises ValueError when no
     finished run has evaluated."""
-    runs = {r.id: r for r in find_runs(lab) if experiment in (None, r.meta().get("experiment"))}
+    runs, unreadable = {}, {}
+    for run in find_runs(lab):
+        try:
+            if experiment in (None, run.meta().get("experiment")):
+                runs[run.id] = run
+        except StoreError as err:
+            unreadable[run.id] = str(err)
     points = sweep_points(runs.values())
     done = points[points["status"] == "finished"]
     skipped = {run_id: rows["status"].iloc[0] for run_id, rows in points[points["status"] != "finished"].groupby("run")}
     if done.empty:
         raise ValueError(f"no finished run with evaluations in {lab}"
                          + (f" for experiment {experiment!r}" if experiment else ""))
-    return LabPoints(runs, done, skipped)
+    return LabPoints(runs, done, skipped, unreadable)
 
 
 @dataclass

@@ -66,9 +66,14 @@ def run_table(summaries: Iterable[Mapping[str, Any]]) -> str:
             status = "running (no writer)"
         steps = "-" if pd.isna(r["last_step"]) else f"{int(r['last_step'])}"
         reason = f"  {r['status_reason']}" if r["status"] in ("diverged", "failed") else ""
-        lines.append(f"{r['run_id']:<{width}}  {status:<20} {steps:>7} {r['final_loss']:>11.4f} {r['max_rho']:>9.4f} "
-                     f"{r['max_state_norm']:>10.4g}{reason}")
+        lines.append(f"{r['run_id']:<{width}}  {status:<20} {steps:>7} {_fixed(r['final_loss']):>11} "
+                     f"{_fixed(r['max_rho']):>9} {r['max_state_norm']:>10.4g}{reason}")
     return "\n".join(lines)
+
+
+def _fixed(x: float) -> str:
+    """Four decimals, or four significant digits once that would not fit (an exploded ρ)."""
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
 
 
 __all__ = ["UsageError", "call", "add_lab", "add_sets", "run_table"]
