@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from stabilitylab.cli.common import UsageError, add_lab
+from stabilitylab.cli.common import UsageError, add_lab, check_counts
 from stabilitylab.config import ConfigError
 
 TARGET_HELP = "a run directory or run id in --lab, a checkpoint file, or a parcae_lm checkpoint directory"
@@ -41,6 +41,7 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
 
 def fit(args: argparse.Namespace) -> int:
     """Fit a law to a CSV or to a lab's runs; print its parameters, intervals and errors."""
+    check_counts(args, bootstrap=0)
     if (args.csv is None) == (args.lab is None):
         raise UsageError("--lab", "give a CSV file or --lab LAB (one of them)")
     lab_only = [flag for flag, given in (("--experiment", args.experiment), ("--holdout", args.holdout),
@@ -167,6 +168,7 @@ def analyze(args: argparse.Namespace) -> int:
     from stabilitylab.analyze import record
     from stabilitylab.targets import checkpoint_steps, load_target, read_tokens
 
+    check_counts(args, depth=1, batch=1, seq_len=1)
     if args.all_checkpoints and args.checkpoint is not None:
         raise UsageError("--all-checkpoints", "and --checkpoint both pick checkpoints", "Pass one of them")
     tokens = read_tokens(args.tokens) if args.tokens else None

@@ -40,6 +40,17 @@ def call(handler: Handler, args: argparse.Namespace) -> int:
         raise UsageError.of(err) from None
 
 
+def check_counts(args: argparse.Namespace, **lowest: int) -> None:
+    """Count flags (dest=lowest value allowed; a list flag checks each value): one below its
+    lowest is a UsageError naming the flag, before any work starts."""
+    for dest, low in lowest.items():
+        values = getattr(args, dest)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < low:
+                flag = "--" + dest.replace("_", "-")
+                raise UsageError(flag, f"must be ≥ {low}, got {value}", f"Pass {flag} {low} or more")
+
+
 def add_lab(p: argparse.ArgumentParser, what: str = "lab directory") -> None:
     p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"{what} (default: {DEFAULT_LAB}/)")
 
@@ -76,4 +87,4 @@ def _fixed(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
 
 
-__all__ = ["UsageError", "call", "add_lab", "add_sets", "run_table"]
+__all__ = ["UsageError", "call", "check_counts", "add_lab", "add_sets", "run_table"]

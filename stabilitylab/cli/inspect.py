@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from stabilitylab import records
-from stabilitylab.cli.common import UsageError, add_lab, run_table
+from stabilitylab.cli.common import UsageError, add_lab, check_counts, run_table
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS
 
 
@@ -28,6 +28,7 @@ def trace(args: argparse.Namespace) -> int:
     from stabilitylab.config import ModelConfig
     from stabilitylab.model import LoopedLM
 
+    check_counts(args, depth=1)
     torch.manual_seed(args.seed)
     tokens = torch.randint(0, 256, (4, 64))
     names = [args.injection] if args.injection != "all" else ["add", "concat", "free-diagonal", "parcae"]

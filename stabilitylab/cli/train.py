@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stabilitylab.cli.common import UsageError, add_lab, add_sets, run_table
+from stabilitylab.cli.common import UsageError, add_lab, add_sets, check_counts, run_table
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
@@ -94,8 +94,7 @@ def sweep(args: argparse.Namespace) -> int:
     if a cell failed."""
     from stabilitylab.train.sweep import run_sweep
 
-    if args.jobs < 1:
-        raise UsageError("--jobs", f"must be ≥ 1, got {args.jobs}", "Pass --jobs 1 or more")
+    check_counts(args, jobs=1)
     results = run_sweep(args.experiment, args.sets, args.lab, args.jobs)
     failed = [r for r in results if r.status == "failed"]
     print(f"{len(results)} cells: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
@@ -115,6 +114,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """Evaluate, print the table and record it in the run's store."""
     from stabilitylab.train.evaluate import eval_run
 
+    check_counts(args, depths=1)
     step, losses = eval_run(args.run, args.lab, args.depths)
     print(f"step {step}")
     print(f"{'depth':>6} {'val loss':>9}")
