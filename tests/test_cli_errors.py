@@ -86,3 +86,9 @@ def test_a_count_flag_out_of_range_is_one_line_before_any_work(tmp_path, capsys,
     assert main([*args, *(["--lab", str(tmp_path)] if args[0] in ("eval", "analyze", "sweep") else [])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"stabilitylab {args[0]}: {flag}" in err
+
+
+def test_a_missing_csv_is_one_line(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "none.csv"), "--law", "training"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"none.csv: cannot read it (No such file or directory)" in err

@@ -62,7 +62,11 @@ def fit_csv(args: argparse.Namespace) -> int:
 
     from stabilitylab.analysis import scaling
 
-    table = pd.read_csv(args.csv)
+    try:
+        table = pd.read_csv(args.csv)
+    except OSError as err:
+        raise UsageError(args.csv, f"cannot read it ({err.strerror or err})", "Pass a CSV file, one row per point"
+                         ) from None
     law = scaling.TEST_TIME_FORMS.get(args.form) if args.law == "test-time" else {
         "chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}[args.law]
     if law is None:
