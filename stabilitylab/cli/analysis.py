@@ -196,7 +196,10 @@ def analyze(args: argparse.Namespace) -> int:
         record(first.run, results)
         print(f"recorded in {first.run.path}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+        try:
+            Path(args.out).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+        except OSError as err:
+            raise UsageError("--out", f"cannot write {args.out}: {err.strerror}", "Pass a writable path") from None
     return 1 if any(r.error for r in results) else 0
 
 
