@@ -37,8 +37,7 @@ from stabilitylab.config import ConfigError
 from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
-from stabilitylab.store import Run, RunWriter, StoreError
-from stabilitylab.store import _run_id_parts  # the store's run-id rule (made public by store/)
+from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from stabilitylab.train.divergence import DivergenceMonitor
@@ -76,7 +75,7 @@ def check_run_id(run_id: str) -> None:
     """A run id names a directory inside the lab, 'name' or 'group/name' (the store's rule);
     one that would leave the lab (`../x`, an absolute path) or nest deeper is a ConfigError."""
     try:
-        _run_id_parts(run_id)
+        run_id_parts(run_id)
     except ValueError:
         raise ConfigError("run_id", f"must be 'name' or 'group/name' inside the lab, got {run_id!r}",
                           "Use no empty, '.'-leading or '..' part and no absolute path, e.g. sweep/lr-0.01"
