@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stabilitylab.cli.common import UsageError, add_lab, add_sets, run_table
+from stabilitylab.cli.common import UsageError, add_lab, add_sets, check_counts, run_table
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     add_sets(p, ", e.g. --set train.lr=1e-2")
     add_lab(p)
     p.add_argument("--run-id", help="run name inside the lab (default: the experiment's name)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest intact checkpoint (a damaged newer one is skipped, "
+                        "and said so)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="with --resume: continue from this step's checkpoint; what was recorded after it is dropped")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(handler=train)
 
@@ -60,11 +64,14 @@ def train(args: argparse.Namespace) -> int:
     from stabilitylab.train.distributed import is_main_process
     from stabilitylab.train.trainer import train as train_run
 
+    if args.checkpoint is not None and not args.resume:
+        raise UsageError("--checkpoint", "picks the checkpoint a resume starts from", "Add --resume")
     exp = load_experiment(args.experiment, args.sets)
     if (exp.sweep.grid or exp.sweep.seeds) and is_main_process():
         print(f"note: train ignores [sweep]; `stabilitylab sweep {args.experiment}` runs its cells", file=sys.stderr)
     run_id = args.run_id or exp.name
-    train_run(exp, args.lab, run_id, resume=args.resume, source=args.experiment, progress=args.progress)
+    train_run(exp, args.lab, run_id, resume=args.resume, checkpoint=args.checkpoint, source=args.experiment,
+              progress=args.progress)
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     run = open_run(run_id, args.lab)
@@ -87,8 +94,7 @@ def sweep(args: argparse.Namespace) -> int:
     if a cell failed."""
     from stabilitylab.train.sweep import run_sweep
 
-    if args.jobs < 1:
-        raise UsageError("--jobs", f"must be ≥ 1, got {args.jobs}", "Pass --jobs 1 or more")
+    check_counts(args, jobs=1)
     results = run_sweep(args.experiment, args.sets, args.lab, args.jobs)
     failed = [r for r in results if r.status == "failed"]
     print(f"{len(results)} cells: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
@@ -108,6 +114,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """Evaluate, print the table and record it in the run's store."""
     from stabilitylab.train.evaluate import eval_run
 
+    check_counts(args, depths=1)
     step, losses = eval_run(args.run, args.lab, args.depths)
     print(f"step {step}")
     print(f"{'depth':>6} {'val loss':>9}")
