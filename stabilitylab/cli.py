@@ -65,6 +65,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--vocab-size", type=int, dest="bpe_vocab_size", help="vocabulary of the bpe tokenizer")
     q.add_argument("--cache-dir", help="where token files are cached (default data/cache)")
     q.set_defaults(handler=_cmd_data_prepare)
+    _add_data_shard(verbs)
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -86,6 +87,41 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     print(f"tokenizer   {meta['tokenizer']}, vocab {meta['vocab_size']:,}")
     print(f"tokens      {meta['tokens']['train']:,} train, {meta['tokens']['val']:,} validation ({meta['dtype']})")
     print(f"cache       {corpus.path} ({'rebuilt' if corpus.rebuilt else 'reused'} in {seconds:.2f} s)")
+    return 0
+
+
+# ---- data shard (issue 16: token shards) ----------------------------------------------------
+
+def _add_data_shard(verbs: argparse._SubParsersAction) -> None:
+    q = verbs.add_parser("shard", help="tokenize text files into token shards (read with data.source = 'shards:DIR')")
+    q.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files, tokenized in this order")
+    q.add_argument("--tokenizer", required=True,
+                   help="'bytes', or a tokenizer JSON file (a cache entry's tokenizer.json, or a Hugging Face one)")
+    q.add_argument("--out", required=True, help="the shard folder to write (new or empty)")
+    q.add_argument("--val", nargs="+", default=[], metavar="FILE", help="validation files (default: the last FILE)")
+    q.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default 100,000,000)")
+    q.set_defaults(handler=_cmd_data_shard)
+
+
+def _cmd_data_shard(args: argparse.Namespace) -> int:
+    """Write token shards and summarise them."""
+    import os
+
+    from stabilitylab.data import ByteTokenizer, load_tokenizer
+    from stabilitylab.shards import SHARD_TOKENS, write_shards
+
+    if args.tokenizer != "bytes" and not os.path.isfile(args.tokenizer):
+        raise ConfigError("--tokenizer", f"{args.tokenizer} is neither 'bytes' nor a file",
+                          "Pass 'bytes' or the path of a tokenizer.json")
+    if args.shard_tokens is not None and args.shard_tokens < 1:
+        raise ConfigError("--shard-tokens", f"must be ≥ 1, got {args.shard_tokens}", "Pass a positive count")
+    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer)
+    meta = write_shards(args.files + [v for v in args.val if v not in args.files], tokenizer, args.out,
+                        val=args.val, shard_tokens=args.shard_tokens or SHARD_TOKENS)
+    for split in ("train", "val"):
+        print(f"{split:5s} {meta['tokens'][split]:,} tokens in {len(meta['shards'][split])} shards "
+              f"({meta['dtype']}) from {len(meta['files'][split])} files")
+    print(f"source = \"shards:{args.out}\"  (vocab {meta['vocab_size']:,})")
     return 0
 
 

@@ -35,6 +35,7 @@ from stabilitylab.config import ConfigError
 from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
+from stabilitylab.shards import is_shards
 from stabilitylab.store import Run, RunWriter, StoreError
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -72,10 +73,10 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
         raise ConfigError("train.batch_size", f"{B} does not split into {W} processes × {G} micro-batches",
                           "Choose batch_size divisible by nproc-per-node · grad_accum", source=source)
     corpus = _corpus(exp, source, process)
-    if corpus.tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.vocab_size} is smaller than the {exp.data.tokenizer} "
-                          f"tokenizer's {corpus.tokenizer.vocab_size} tokens",
-                          f"Set model.vocab_size ≥ {corpus.tokenizer.vocab_size}", source=source)
+    kind = "shards'" if is_shards(exp.data.source) else exp.data.tokenizer
+    if (corpus.vocab_size or 0) > cfg.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.vocab_size} is smaller than the {kind} tokenizer's "
+                          f"{corpus.vocab_size} tokens", f"Set model.vocab_size ≥ {corpus.vocab_size}", source=source)
     run_dir = lab / run_id
     if resume:
         run = Run(run_dir, run_id) if (run_dir / "run.db").is_file() else None
