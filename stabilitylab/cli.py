@@ -164,6 +164,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     _add_sets(p, " in every cell, e.g. --set train.steps=100")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once, in separate processes (default 1)")
     _add_lab(p)
+    _add_sweep_slurm(p)
     p.set_defaults(handler=_cmd_sweep)
 
 
@@ -174,11 +175,45 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise ConfigError("--jobs", f"must be ≥ 1, got {args.jobs}", "Pass --jobs 1 or more")
+    if args.launcher == "submitit":
+        return _cmd_sweep_submitit(args)
     results = run_sweep(args.experiment, args.sets, args.lab, args.jobs)
     failed = [r for r in results if r.status == "failed"]
     print(f"{len(results)} cells: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
                                                 for s in ("finished", "diverged", "running", "failed")))
     return 1 if failed else 0
+
+
+# ---- sweep --launcher submitit (issue 16: sweeps on Slurm) -----------------------------------
+
+def _add_sweep_slurm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm (--launcher submitit; docs/cluster.md)")
+    g.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                   help="local: train here (default); submitit: submit the cells as one Slurm job array")
+    g.add_argument("--slurm-partition", help="the partition to submit to (default: Slurm's)")
+    g.add_argument("--slurm-gpus-per-node", type=int, help="GPUs per cell (default none)")
+    g.add_argument("--slurm-cpus-per-task", type=int, help="CPU cores per cell")
+    g.add_argument("--array-parallelism", type=int, help="cells running at once (default: Slurm's limit)")
+    g.add_argument("--timeout-min", type=int, default=240,
+                   help="time limit per cell in minutes; a cell that hits it is requeued and resumes (default 240)")
+
+
+def _cmd_sweep_submitit(args: argparse.Namespace) -> int:
+    """Submit the cells that are not done as one job array and return (the jobs run on)."""
+    from pathlib import Path
+
+    from stabilitylab.train.slurm import slurm_executor, submit_sweep
+
+    for flag in ("slurm_gpus_per_node", "slurm_cpus_per_task", "array_parallelism", "timeout_min"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "slurm_gpus_per_node" else 1):
+            raise ConfigError("--" + flag.replace("_", "-"), f"got {value}", "Pass a positive number")
+    executor = slurm_executor(Path(args.lab) / ".submitit", args.slurm_partition, args.slurm_gpus_per_node,
+                              args.array_parallelism, args.timeout_min, args.slurm_cpus_per_task)
+    skipped, jobs = submit_sweep(args.experiment, args.sets, args.lab, executor)
+    print(f"{len(jobs)} cells submitted, {len(skipped)} skipped; logs in {Path(args.lab) / '.submitit'}; "
+          f"progress: stabilitylab runs --lab {args.lab}")
+    return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
