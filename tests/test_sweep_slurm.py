@@ -125,3 +125,26 @@ def test_the_submitit_launcher_without_slurm_is_refused_with_the_fix(tmp_path, c
                  "--lab", str(tmp_path / "lab")]) == 2
     err = capsys.readouterr().err
     assert "--launcher: submitit finds no Slurm on this machine" in err and "--launcher local" in err
+
+
+def test_the_cli_submits_one_slurm_array_with_the_requested_resources(tmp_path, corpus_cache, capsys, monkeypatch):
+    """Up to sbatch: a stand-in sbatch records the script submitit wrote (srun only has to exist)."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    path = grid(tmp_path, '["parcae", "free-diagonal", "concat"]')
+    lab = tmp_path / "lab"
+    assert main(["sweep", str(path), "--set", f"data.cache_dir={corpus_cache}", "--launcher", "submitit",
+                 "--slurm-partition", "gpu", "--slurm-gpus-per-node", "1", "--array-parallelism", "2",
+                 "--timeout-min", "90", "--lab", str(lab)]) == 0
+    out = capsys.readouterr().out
+    assert "grid/injection=concat: submitted as job 4242_2" in out and "3 cells submitted, 0 skipped" in out
+    script = (tmp_path / "submitted.sh").read_text()
+    for directive in ("--array=0-2%2", "--partition=gpu", "--gpus-per-node=1", "--time=90", "--signal=USR2@120"):
+        assert f"#SBATCH {directive}" in script, directive
+    assert "submitit.core._submit" in script and str(lab / ".submitit") in script
