@@ -85,6 +85,7 @@ def test_nanogpt_bin_files_are_read_as_uint16_and_uint32_when_told(tmp_path):
     val.tofile(tmp_path / "n" / "val.bin")
     corpus = prepare(shards(tmp_path / "n"))
     assert corpus.tokenizer is None and corpus.vocab_size is None
+    assert isinstance(corpus.train.arrays[0], np.memmap)  # read in place, not loaded
     assert (np.asarray(corpus.train.arrays[0]) == train).all() and corpus.meta["dtype"] == "uint16"
     (tmp_path / "w").mkdir()
     train.astype(np.uint32).tofile(tmp_path / "w" / "train.bin")

@@ -75,46 +75,83 @@ def worker_of(controller_pid: int, timeout: float = 60) -> int:
     raise TimeoutError("submitit's controller started no task")
 
 
-def test_a_submitit_job_array_with_a_preempted_cell_equals_the_local_sweep(tmp_path, corpus_cache):
+CELLS = ["grid/injection=parcae", "grid/injection=free-diagonal"]
+
+
+def slurm_settings(cache) -> list[str]:
+    return [f"data.cache_dir={cache}", "train.checkpoint_every=4", "train.eval_every=12", "probes.trace_every=0",
+            "probes.spectrum_every=0"]
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, corpus_cache):
+    """The reference: both cells trained by `--launcher local`, one thread."""
+    root = tmp_path_factory.mktemp("local-sweep")
+    path = grid(root, '["parcae", "free-diagonal"]', steps=24)
+    with threads(1):
+        run_sweep(path, slurm_settings(corpus_cache), root / "lab", report=lambda s: 0, progress=False)
+    return root / "lab"
+
+
+def wait_for_checkpoint(lab: Path, cell: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((lab / cell / "run.db").is_file() and len(open_run(cell, lab).checkpoints())):
+        assert time.monotonic() < deadline, f"{cell} wrote no checkpoint"
+        time.sleep(0.02)
+
+
+def assert_same_runs(lab: Path, reference: Path, cells: list[str]) -> None:
+    for cell in cells:
+        a, b = (open_run(cell, where).scalars(["loss", "grad_norm"]).sort_values(["name", "step"])
+                for where in (reference, lab))
+        assert a[["step", "name"]].values.tolist() == b[["step", "name"]].values.tolist()
+        np.testing.assert_array_equal(b["value"], a["value"])  # bit-exact, resume included
+        np.testing.assert_array_equal(open_run(cell, lab).evals()["value"], open_run(cell, reference).evals()["value"])
+
+
+def test_a_submitit_job_array_with_a_preempted_cell_equals_the_local_sweep(tmp_path, corpus_cache, local_sweep):
     submitit = pytest.importorskip("submitit")
     from stabilitylab.train.slurm import submit_sweep
 
-    path = grid(tmp_path, '["parcae", "free-diagonal"]', steps=24)
-    sets = [f"data.cache_dir={corpus_cache}", "train.checkpoint_every=4", "train.eval_every=12",
-            "probes.trace_every=0", "probes.spectrum_every=0"]
-    cells = ["grid/injection=parcae", "grid/injection=free-diagonal"]
-    with threads(1):
-        run_sweep(path, sets, tmp_path / "local", report=lambda s: 0, progress=False)
-
-    lab = tmp_path / "slurm"
+    path, sets, lab = grid(tmp_path, '["parcae", "free-diagonal"]', steps=24), slurm_settings(corpus_cache), tmp_path / "lab"
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(timeout_min=10)
     skipped, jobs = submit_sweep(path, sets, lab, executor, threads=1, report=lambda s: 0)
     assert skipped == [] and len(jobs) == 2
 
-    # preempt the second cell once it has a checkpoint: Slurm's USR2, straight to the task
+    # preempt the second cell once it has a checkpoint: Slurm's USR2, straight to its task
     pid = worker_of(jobs[1]._process.pid)
-    deadline = time.monotonic() + 120
-    while not ((lab / cells[1] / "run.db").is_file() and len(open_run(cells[1], lab).checkpoints())):
-        assert time.monotonic() < deadline, "the cell wrote no checkpoint"
-        time.sleep(0.02)
+    wait_for_checkpoint(lab, CELLS[1])
     os.kill(pid, signal.SIGUSR2)
     results = [job.result() for job in jobs]
+    assert [(r.run_id, r.action, r.status) for r in results] == [(CELLS[0], "trained", "finished"),
+                                                                 (CELLS[1], "resumed", "finished")]
+    history = open_run(CELLS[1], lab).status_history()["status"].tolist()
+    assert "failed" in history and history[-1] == "finished"  # interrupted, requeued, resumed
+    assert_same_runs(lab, local_sweep, CELLS)
+    assert submit_sweep(path, sets, lab, executor, report=lambda s: 0)[1] == []  # all done: nothing submitted
 
-    assert [(r.run_id, r.status) for r in results] == [(cells[0], "finished"), (cells[1], "finished")]
-    assert results[1].action == "resumed"  # the requeued task resumed the interrupted run
-    history = open_run(cells[1], lab).status_history()["status"].tolist()
-    assert "failed" in history and history[-1] == "finished"
-    for cell in cells:
-        a, b = (open_run(cell, where).scalars(["loss", "grad_norm"]).sort_values(["name", "step"])
-                for where in (tmp_path / "local", lab))
-        assert a[["step", "name"]].values.tolist() == b[["step", "name"]].values.tolist()
-        np.testing.assert_array_equal(b["value"], a["value"])  # bit-exact, resume included
-        np.testing.assert_array_equal(open_run(cell, lab).evals()["value"],
-                                      open_run(cell, tmp_path / "local").evals()["value"])
 
-    # the array again: every cell is done, nothing is submitted
-    assert submit_sweep(path, sets, lab, executor, report=lambda s: 0)[1] == []
+def test_a_killed_cell_is_resumed_when_the_sweep_is_submitted_again(tmp_path, corpus_cache, local_sweep):
+    """SIGKILL (a lost node) is not requeued by submitit; submitting the sweep again resumes the cell."""
+    submitit = pytest.importorskip("submitit")
+    from stabilitylab.train.slurm import submit_sweep
+
+    path, sets, lab = grid(tmp_path, '["parcae"]', steps=24), slurm_settings(corpus_cache), tmp_path / "lab"
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=10)
+    (job,) = submit_sweep(path, sets, lab, executor, threads=1, report=lambda s: 0)[1]
+    pid = worker_of(job._process.pid)
+    wait_for_checkpoint(lab, CELLS[0])
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(Exception, match="INTERRUPTED|output"):
+        job.result()
+    run = open_run(CELLS[0], lab)
+    assert run.status()["status"] == "running" and not run.alive()  # no writer: the sweep reads it as interrupted
+
+    (again,) = submit_sweep(path, sets, lab, executor, threads=1, report=lambda s: 0)[1]
+    assert again.result().action == "resumed"
+    assert_same_runs(lab, local_sweep, CELLS[:1])
 
 
 def test_the_submitit_launcher_without_slurm_is_refused_with_the_fix(tmp_path, corpus_cache, capsys, monkeypatch):
