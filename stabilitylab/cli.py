@@ -76,6 +76,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
     fields = ("source", "tokenizer", "bpe_vocab_size", "cache_dir")
     cfg = DataConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    if cfg.source.startswith("shards:"):  # issue 16: token shards
+        raise ConfigError("--source", "shards are read in place; there is nothing to prepare",
+                          "Train with data.source = 'shards:PATH'; write shards with `stabilitylab data shard`")
     t0 = time.perf_counter()
     corpus = prepare(cfg)
     meta, seconds = corpus.meta, time.perf_counter() - t0
