@@ -52,7 +52,7 @@ import torch
 from stabilitylab.config import ConfigError, DataConfig, check_choice, check_positive
 from stabilitylab.records import BATCH_SALT
 from stabilitylab.config.data import TOKENIZERS
-from stabilitylab.shards import PREFIX, TokenShards, is_shards, open_shards
+from stabilitylab.shards import PREFIX, SHARD_TOKENS, TokenShards, is_shards, open_shards, write_shards
 
 FORMAT = 1  # bump when the cache layout or the text rules change
 SEPARATOR = "\n\n"  # between the files of a split
@@ -253,7 +253,9 @@ def prepare(cfg: DataConfig) -> Corpus:
     """The corpus of `cfg`, from its cache entry; the entry is built first if missing.
     A "shards:PATH" source is opened in place (no cache)."""
     if is_shards(cfg.source):
-        splits, tokenizer, meta = open_shards(cfg.source, cfg.shard_dtype, cfg.shard_column)
+        splits, tok_file, meta = open_shards(cfg.source, cfg.shard_dtype, cfg.shard_column)
+        tokenizer = load_tokenizer(tok_file) if tok_file else None
+        meta["vocab_size"] = tokenizer.vocab_size if tokenizer else meta.get("vocab_size")
         corpus = Corpus(splits["train"], splits["val"], tokenizer, Path(cfg.source.removeprefix(PREFIX)), meta)
         for name in ("train", "val"):
             corpus._split(name, cfg.seq_len)
@@ -396,4 +398,5 @@ def _open(entry: Path, rebuilt: bool) -> Corpus:
 
 
 __all__ = ["DataConfig", "Corpus", "prepare", "Tokenizer", "CharTokenizer", "ByteTokenizer", "BPETokenizer",
-           "load_tokenizer", "SHAKESPEARE_VAL", "TOKENIZERS"]
+           "load_tokenizer", "SHAKESPEARE_VAL", "TOKENIZERS", "TokenShards", "is_shards", "write_shards",
+           "SHARD_TOKENS"]

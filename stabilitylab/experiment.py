@@ -95,8 +95,19 @@ def _assign(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 # ---- building -------------------------------------------------------------------------------
 
-def build_experiment(raw: dict[str, Any], source: str | Path | None = None) -> ExperimentConfig:
-    """An ExperimentConfig from raw tables; every error names the file and section.field."""
+def build_experiment(raw: dict[str, Any], source: str | Path | None = None,
+                     sets: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """An ExperimentConfig from raw tables; every error names the file and section.field, or
+    `--set` when the field's value came from one of `sets` (read_experiment applied them)."""
+    try:
+        return _build(raw, source)
+    except ConfigError as err:
+        if err.field in {parse_set(item)[0] for item in sets}:
+            raise ConfigError(err.field, err.problem, err.fix, source="--set") from None
+        raise
+
+
+def _build(raw: dict[str, Any], source: str | Path | None) -> ExperimentConfig:
     unknown = set(raw) - {"name", "sweep", *SECTIONS}
     if unknown:
         key = sorted(unknown)[0]
@@ -171,15 +182,17 @@ def _check_together(exp: ExperimentConfig, source: str | Path | None) -> None:
 
 def load_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read, override and build an experiment file (its [sweep] stays a description)."""
-    return build_experiment(read_experiment(path, sets), path)
+    return build_experiment(read_experiment(path, sets), path, sets)
 
 
 # ---- sweeps ---------------------------------------------------------------------------------
 
-def sweep_cells(raw: dict[str, Any], source: str | Path | None = None) -> list[Cell]:
+def sweep_cells(raw: dict[str, Any], source: str | Path | None = None,
+                sets: list[str] | tuple[str, ...] = ()) -> list[Cell]:
     """The cells of an experiment's sweep: grid product (file order) times seeds, each a
-    complete config without a sweep. No sweep: one cell with the empty id."""
-    sweep = build_experiment(raw, source).sweep
+    complete config without a sweep. No sweep: one cell with the empty id. `sets`: the
+    `--set` overrides read_experiment applied (errors in their fields blame `--set`)."""
+    sweep = build_experiment(raw, source, sets).sweep
     keys = list(sweep.grid)
     short = {k: k.split(".")[-1] for k in keys}
     clashes = {s for s in short.values() if list(short.values()).count(s) > 1 or s == "seed"}
@@ -202,7 +215,7 @@ def sweep_cells(raw: dict[str, Any], source: str | Path | None = None) -> list[C
                 raise ConfigError("sweep.grid", f"cells {seen[cell_id]} and {values} share the id {cell_id!r}",
                                   "Give every grid value a distinct printed form", source=source)
             seen[cell_id] = values
-            cells.append(Cell(cell_id, values, build_experiment(cell_raw, source)))
+            cells.append(Cell(cell_id, values, build_experiment(cell_raw, source, sets)))
     return cells
 
 

@@ -82,10 +82,8 @@ def is_shards(source: str) -> bool:
     return source.startswith(PREFIX)
 
 
-def open_shards(source: str, dtype: str = "auto", column: str = "tokens") -> tuple[dict, object, dict]:
-    """({"train": TokenShards, "val": TokenShards}, tokenizer or None, meta) of a shard folder."""
-    from stabilitylab.data import load_tokenizer
-
+def open_shards(source: str, dtype: str = "auto", column: str = "tokens") -> tuple[dict, Path | None, dict]:
+    """({"train": TokenShards, "val": TokenShards}, the tokenizer.json or None, meta) of a shard folder."""
     root = Path(source.removeprefix(PREFIX)).expanduser()
     if not root.is_dir():
         raise ConfigError("source", f"{root} is not a folder of shards",
@@ -104,12 +102,10 @@ def open_shards(source: str, dtype: str = "auto", column: str = "tokens") -> tup
         arrays = [_read_parquet(p, column) if p.suffix == ".parquet" else _map_bin(p, dtype) for p in files]
         splits[split] = TokenShards(arrays, [p.name for p in files])
     tok_file = root / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
     meta = {"source": source, "dtype": dtype, **meta,
-            "vocab_size": tokenizer.vocab_size if tokenizer else meta.get("vocab_size"),
             "tokens": {s: len(t) for s, t in splits.items()},
             "shards": {s: t.names for s, t in splits.items()}}
-    return splits, tokenizer, meta
+    return splits, tok_file if tok_file.is_file() else None, meta
 
 
 def _map_bin(path: Path, dtype: str) -> np.ndarray:

@@ -30,7 +30,8 @@ def test_two_processes_train_the_losses_of_one(tmp_path, corpus_cache):
                "--lab", str(tmp_path), "--run-id", "two", "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("two: finished") == 1  # rank 0 reports
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [r[:2] for r in rows if r and r[0] == "two"] == [["two", "finished"]]  # rank 0 reports, once
 
     one, two = open_run("one", tmp_path), open_run("two", tmp_path)
     names = ["loss", "grad_norm", "h_T_norm", "h_T_norm_mean", "tokens", "flops"]

@@ -197,7 +197,7 @@ def test_the_state_forecast_of_a_doubling_norm_counts_the_doublings_left():
 
 
 def test_bad_rules_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="patience ≥ 1"):
+    with pytest.raises(ValueError, match="patience: must be ≥ 1"):
         WarningRules(patience=0)
     with pytest.raises(ValueError, match="window must be ≥ 0"):
         SpikeDetector(-1, 6.0)

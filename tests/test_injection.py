@@ -50,8 +50,21 @@ def test_low_precision_saturation_of_exp_to_one_is_visible_not_hidden(dtype, del
     assert (inj.double().log_transition() < 0).all()
 
 
-def test_add_has_spectral_radius_exactly_one():
-    assert rho(make_injection(cfg_for("add")).transition()) == 1.0
+@pytest.mark.parametrize("name, ratio", [("add", 1.0), ("parcae", math.sqrt(1 / 5))])
+def test_with_identity_blocks_the_loop_is_the_linear_system_add_marginal_parcae_contracting(name, ratio):
+    """With zero-initialised out-projections every core block is the identity, so R̄ = 0 and
+    F(h) = Āh + B̄e: successive increments h_{t+1} − h_t = Ā(h_t − h_{t−1}) shrink by ρ(Ā)
+    per step. For add (Ā = I) they neither grow nor decay: ‖h_t‖ grows linearly, the marginal
+    case; for parcae they decay geometrically at the init decay √(1/5)."""
+    model = LoopedLM(cfg_for(name, zero_init_out=True, init_state="seeded"))
+    e = model.encode(torch.randint(0, 32, (2, 8)))
+    F, h = model.loop_map(e), model.initial_state(e)
+    steps = [h]
+    for _ in range(6):
+        steps.append(F(steps[-1]))
+    deltas = torch.stack([(b - a).norm() for a, b in zip(steps, steps[1:])]).detach()
+    assert (deltas[1:] / deltas[:-1]).tolist() == pytest.approx([ratio] * 5, rel=1e-5)
+    assert rho(model.injection.transition()) == pytest.approx(ratio, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["free-diagonal", "concat"])

@@ -147,7 +147,7 @@ def test_held_out_error_is_the_error_on_the_held_out_points():
 
 
 def test_the_exp_form_extrapolates_exp_data_best():
-    """PARCAE.md C5 on data drawn from the exp law: fit T ≤ μ_rec = 8, test T = 9..16."""
+    """docs/parcae.md §3 C5 on data drawn from the exp law: fit T ≤ μ_rec = 8, test T = 9..16."""
     T = np.repeat(np.arange(1.0, 17.0), 3)
     rng = np.random.default_rng(3)
     L = Fit.from_params(TEST_TIME_FORMS["exp"], L_inf=3.0, Z=2.0, z=0.4).predict(T) * np.exp(

@@ -11,7 +11,7 @@ from stabilitylab.analysis import scaling
 
 LAWS = {**{f"test-time ({form})": law for form, law in scaling.TEST_TIME_FORMS.items()},
         "chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}
-TEST_TIME = "test-time (exp)"  # PARCAE.md C5: the best test-time form, the default everywhere
+TEST_TIME = "test-time (exp)"  # docs/parcae.md §3 C5: the best test-time form, the default everywhere
 
 
 @st.cache_resource(max_entries=64, show_spinner="fitting …")

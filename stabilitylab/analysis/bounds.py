@@ -44,7 +44,7 @@ from torch import Tensor
 
 from stabilitylab.analysis.lyapunov import loop_lyapunov
 from stabilitylab.analysis.spectra import FLOAT_DTYPES, eigenvalues, loop_jacobian, spectral_radius
-from stabilitylab.config import ConfigError, check_choice, from_dict, read_toml
+from stabilitylab.config import ConfigError, check_choice, check_numbers, from_dict, number, read_toml
 from stabilitylab.model import Depth, Injection, LoopedLM
 
 JACOBIAN_K = 4  # leading eigenvalues the Jacobian bound asks of the solver (the radius is the first)
@@ -56,25 +56,16 @@ BATCH_BOUNDS = ("max_state_growth", "max_jacobian_radius", "max_lyapunov", "max_
 class Bounds:
     """The [bounds] table: every bound optional (None = not checked)."""
 
-    rho_margin: float | None = None  # ρ(Ā) < 1 − rho_margin, with Ā rounded to settings.dtype; 0 ≤ m < 1
-    max_input_norm: float | None = None  # ‖B̄‖₂ ≤ this: the injection's input matrix
-    max_readout_norm: float | None = None  # ‖C‖₂ ≤ this: the readout from the state
-    max_state_growth: float | None = None  # ‖h_T‖ / ‖h_μrec‖ ≤ this, T = settings.growth_multiple · μ_rec
-    max_jacobian_radius: float | None = None  # ρ(∂F/∂h) at h_D ≤ this, D = settings.analysis_multiple · μ_rec
+    rho_margin: float | None = number(None, "[0, 1)")  # ρ(Ā) < 1 − rho_margin, with Ā rounded to settings.dtype
+    max_input_norm: float | None = number(None, "(0, inf)")  # ‖B̄‖₂ ≤ this: the injection's input matrix
+    max_readout_norm: float | None = number(None, "(0, inf)")  # ‖C‖₂ ≤ this: the readout from the state
+    max_state_growth: float | None = number(None, "(0, inf)")  # ‖h_T‖ / ‖h_μrec‖ ≤ this, T = growth_multiple · μ_rec
+    max_jacobian_radius: float | None = number(None, "(0, inf)")  # ρ(∂F/∂h) at h_D ≤ this, D = analysis_multiple · μ_rec
     max_lyapunov: float | None = None  # largest Lyapunov exponent along h_0 → h_D ≤ this (per iteration)
     max_depth_loss_increase: float | None = None  # L(2 μ_rec) − L(μ_rec) ≤ this, nats per token
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f.name, f"must be a finite number, got {value}")
-        if self.rho_margin is not None and not 0 <= self.rho_margin < 1:
-            raise ConfigError("rho_margin", f"must lie in [0, 1), got {self.rho_margin}",
-                              "0 asks for ρ(Ā) < 1; 0.01 for ρ(Ā) < 0.99")
-        for name in ("max_input_norm", "max_readout_norm", "max_state_growth", "max_jacobian_radius"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}", "a norm or radius is ≥ 0")
+        check_numbers(self)  # config/base.py: finite, inside the interval declared above
 
     def names(self) -> list[str]:
         """The bounds that are set, in table order."""
@@ -86,20 +77,16 @@ class CheckSettings:
     """The [settings] table: how the bounds are measured."""
 
     dtype: str = "float32"  # the dtype the model runs in; Ā is rounded to it for rho_margin
-    growth_multiple: int = 4  # max_state_growth compares h_T, T = growth_multiple · μ_rec, with h_μrec; ≥ 2
-    analysis_multiple: int = 2  # Jacobian and Lyapunov at / along D = analysis_multiple · μ_rec iterations
+    growth_multiple: int = number(4, "[2, inf)")  # max_state_growth: h_T, T = growth_multiple · μ_rec, against h_μrec
+    analysis_multiple: int = number(2, "[1, inf)")  # Jacobian, Lyapunov at / along D = analysis_multiple · μ_rec
     position: int = -1  # the token whose per-token view the Jacobian and Lyapunov bounds take
-    batch_size: int = 2  # sequences in the check batch
-    seq_len: int | None = None  # tokens per sequence; unset = the run's data.seq_len, or 64 (random tokens)
-    seed: int | None = None  # random tokens and h_0; unset = the run's train.seed, or 0
+    batch_size: int = number(2, "[1, inf)")  # sequences in the check batch
+    seq_len: int | None = number(None, "[1, inf)")  # tokens per sequence; unset = the run's data.seq_len, or 64
+    seed: int | None = number(None, "[0, inf)")  # random tokens and h_0; unset = the run's train.seed, or 0
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, DTYPES)
-        lowest = {"growth_multiple": 2, "analysis_multiple": 1, "batch_size": 1, "seq_len": 1, "seed": 0}
-        for name, low in lowest.items():
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise ConfigError(name, f"must be ≥ {low}, got {value}")
+        check_numbers(self)
 
 
 @dataclass

@@ -59,12 +59,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from stabilitylab.config import DivergenceConfig, from_dict
+from stabilitylab.config import DivergenceConfig, check_numbers, from_dict, number
 from stabilitylab.records import (DIVERGENCE, EARLY_WARNING, FLOPS, GRAD_NORM, JACOBIAN_RADIUS, LOSS, LYAPUNOV, RHO,
                                   SPIKE, STATE_NORM, TOKENS, TRACE_DELTA_NORM_MEAN, TRACE_STATE_NORM_MEAN)
+from stabilitylab.store import RunWriter
 
 SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend")
 OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
+EVENTS_RESULT = "events"  # the run's result where `write_events` keeps the report
 HISTORY_SCALARS = (LOSS, GRAD_NORM, STATE_NORM, TOKENS, FLOPS)
 
 
@@ -255,20 +257,17 @@ class WarningRules:
     because probes are deterministic (fixed batch and h_0) and sparse: waiting for a
     second one costs a whole probe period of lead."""
 
-    rho: float = 1.0
-    jacobian: float = 1.0
-    lyapunov: float = 0.0
-    rate: float = 1.0
-    settled: float = 1e-3
-    horizon: float = 5.0
-    trend_window: int = 5
-    patience: int = 1
+    rho: float = number(1.0, "(0, inf]")
+    jacobian: float = number(1.0, "(0, inf]")
+    lyapunov: float = 0.0  # any finite λ₁ threshold (the rule: finite)
+    rate: float = number(1.0, "(0, inf]")
+    settled: float = number(1e-3, "[0, inf)")
+    horizon: float = number(5.0, "[0, inf]")
+    trend_window: int = number(5, "[2, inf)")
+    patience: int = number(1, "[1, inf)")
 
     def __post_init__(self) -> None:
-        if self.patience < 1 or self.trend_window < 2 or not self.horizon >= 0 or not self.settled >= 0:
-            raise ValueError(f"warning rules: need patience ≥ 1, trend_window ≥ 2, horizon ≥ 0 and settled ≥ 0, "
-                             f"got patience={self.patience}, trend_window={self.trend_window}, "
-                             f"horizon={self.horizon}, settled={self.settled}")
+        check_numbers(self)  # config/base.py: finite unless a bound says inf, inside the interval
 
 
 @dataclass(frozen=True)
@@ -425,6 +424,32 @@ def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
     return analyse(History.from_run(run), run_divergence_config(run.config()), rules, complete)
 
 
+def missing_events(recorded: pd.DataFrame, report: RunEvents) -> list[tuple[int, str, str]]:
+    """(step, kind, detail) of what `report` found that the run's `recorded` events lack: every
+    early warning; a spike or the divergence only at a step where the trainer logged none of
+    that kind (what it recorded is its verdict and stays)."""
+    have = set(zip(recorded["step"], recorded["kind"], recorded["detail"]))
+    kinds_at = set(zip(recorded["step"], recorded["kind"]))
+    new = [(w.step, EARLY_WARNING, f"{w.signal}: {w.detail}") for w in report.warnings]
+    new += [(s.step, SPIKE, f"{s.detail} (found offline)") for s in report.spikes if (s.step, SPIKE) not in kinds_at]
+    d = report.divergence
+    if d and (d.step, DIVERGENCE) not in kinds_at:
+        new.append((d.step, DIVERGENCE, f"{d.detail} (found offline)"))
+    return [e for e in new if e not in have]
+
+
+def write_events(run: Any, report: RunEvents) -> dict[str, int]:
+    """Log the report's events the run lacks (`missing_events`; never touching what is there)
+    and save the report as the run's result EVENTS_RESULT. Returns how many of each kind were
+    added; a second call adds none."""
+    new = missing_events(run.events(), report)
+    with RunWriter.attach(run.path) as writer:
+        for step, kind, detail in new:
+            writer.log_event(step, kind, detail)
+        writer.save_result(EVENTS_RESULT, report.to_dict())
+    return {k: sum(kind == k for _, kind, _ in new) for k in (EARLY_WARNING, SPIKE, DIVERGENCE)}
+
+
 def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
     """Per signal (and "any"): runs judged, each outcome's count, recall = early / diverged,
     precision = early / fired, and the median lead in steps of the early warnings."""
@@ -450,4 +475,5 @@ def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
 __all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes",
            "RULE_FIELDS", "run_divergence_config", "step_verdict",
            "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
-           "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "warning_table"]
+           "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "EVENTS_RESULT",
+           "missing_events", "write_events", "warning_table"]

@@ -11,11 +11,11 @@ log L̂ = LSE_k(u_k) with u = J θ, J holding the features (huber_fit.py fits th
 
     chinchilla  L = E + A/N^α + B/D^β                         Hoffmann et al. 2022
     training    L = E + X·N^−x + Y·D^−y                       N = N(μ_rec), unrolled params
-    test-time   exp         L = L∞ + Z·e^(−z·T)               PARCAE.md §3 C5, the best form
+    test-time   exp         L = L∞ + Z·e^(−z·T)               docs/parcae.md §3 C5, the best form
                 power1p     L = L∞ + Z·(1 + T)^(−z)
                 power       L = L∞ + Z·T^(−z)
                 pure-power  L = Z·T^(−z)
-    unified     L = E + X·N^−x + Y·D^−y + Z·exp(−z·T/μ_rec)   PARCAE.md §3 C6
+    unified     L = E + X·N^−x + Y·D^−y + Z·exp(−z·T/μ_rec)   docs/parcae.md §3 C6
 
 The unified law, precisely: a model of N = N(μ_rec) unrolled parameters
 (ParameterCount.unrolled(μ_rec)) trained on D tokens at mean recurrence μ_rec and
@@ -347,7 +347,7 @@ def fit_unified(N: Any, D: Any, T: Any, mu_rec: Any, L: Any, **options: Any) -> 
 
 def fit_test_time_forms(T: Any, L: Any, mu_rec: float, **options: Any) -> dict[str, Fit]:
     """Every test-time form fitted on T ≤ μ_rec: `held_out_error` is the extrapolation
-    error on T > μ_rec (PARCAE.md §3 C5)."""
+    error on T > μ_rec (docs/parcae.md §3 C5)."""
     T = _column("T", T)
     return {form: fit_test_time(T, L, form, holdout=T > mu_rec, **options) for form in TEST_TIME_FORMS}
 

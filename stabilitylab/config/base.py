@@ -10,10 +10,12 @@ its interval where it is defined,
 
     lr: float = number(3e-3, "(0, inf)")      # peak learning rate
 
-and a field that declares none is still checked: finite, and an int fits in 64 bits (what
-SQLite and torch can hold). `inf` is allowed only where the interval closes on it,
-"(0, inf]" ("no bound"). NaN never passes: it compares false with everything, so a NaN
-bound would silently disable the rule it configures.
+and a field that declares none is still checked: finite, an int fits in 64 bits (what
+SQLite and torch can hold) and a float in float32 (|x| ≤ 3.4e38: the tensors and optimiser
+state it configures are float32, where a larger number is inf). `inf` is allowed only where
+the interval closes on it, "(0, inf]" ("no bound"). NaN never passes: it compares false with
+everything, so a NaN bound would silently disable the rule it configures. Rules that span
+fields (warmup_steps < steps) stay with their dataclass.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 class ConfigError(ValueError):
@@ -42,7 +45,8 @@ class ConfigError(ValueError):
     def located(self, source: str | Path | None, section: str = "") -> "ConfigError":
         """The same error, with the file and the TOML section it came from."""
         name = f"{section}.{self.field}" if section and not self.field.startswith(section + ".") else self.field
-        return ConfigError(name, self.problem, self.fix, source or self.source)
+        fix = self.fix.replace(f"Set {self.field} ", f"Set {name} ")  # the fix names the field as the message does
+        return ConfigError(name, self.problem, fix, source or self.source)
 
 
 def read_toml(path: str | Path, field: str, example: str) -> dict[str, Any]:
@@ -134,6 +138,8 @@ def _check_number(name: str, x: int | float, interval: Interval | None) -> None:
         raise ConfigError(name, f"is {x}", _fix(name, interval))
     if isinstance(x, int) and abs(x) > INT64_MAX:
         raise ConfigError(name, f"{x} does not fit in 64 bits", f"Set {name} to a value below 2^63")
+    if isinstance(x, float) and math.isfinite(x) and abs(x) > FLOAT32_MAX:
+        raise ConfigError(name, f"{x:g} is beyond float32's range (±3.4e38)", _fix(name, interval))
     if interval and x not in interval:
         raise ConfigError(name, f"must {interval.describe()}, got {x!r}", _fix(name, interval))
 

@@ -18,7 +18,7 @@ d_s = state width, d = model width:
 tests/test_sizes.py checks every preset and injection against a built model.
 
 FLOPs per token of a sequence of length T, training (forward + backward = 3 × forward),
-as the reference counts them (docs/parcae.md §3):
+as the reference counts them (docs/parcae.md §2, item 10):
 
     6·N_static + 12·d·T·(P + D)                          prelude, coda, injection, C, norms
   + (2·N_core + 4·d_s·T·C) · (n + k)                      forward of every loop iteration

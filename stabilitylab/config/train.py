@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stabilitylab.config.base import ConfigError, check_choice, check_numbers, number
+from stabilitylab.config.base import FLOAT32_MAX, ConfigError, check_choice, check_numbers, number
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("trapezoid", "cosine")
@@ -67,6 +67,13 @@ class TrainConfig:
         if len(self.betas) != 2:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}",
                               "The reference uses [0.8, 0.95]")
+        for what, value in (("lr / (1 − betas[0])", self.lr / (1 - self.betas[0])),
+                            ("lr · weight_decay", self.lr * self.weight_decay),
+                            ("muon_lr · weight_decay", self.muon_lr * self.weight_decay)):
+            if value > FLOAT32_MAX:  # AdamW's first step size and the decay factors are float32 scalars
+                raise ConfigError("lr" if what.startswith("lr") else "muon_lr",
+                                  f"the optimiser's {what} = {value:.3g} overflows float32",
+                                  "Lower the learning rate (or weight_decay, betas[0])")
         if self.warmup_steps >= self.steps:
             raise ConfigError("warmup_steps", f"{self.warmup_steps} is not below steps = {self.steps}",
                               "Warm up over fewer steps than the run has")

@@ -1,4 +1,4 @@
-"""Transformer blocks as in the released Parcae models (PARCAE.md §2.4–2.8).
+"""Transformer blocks as in the released Parcae models (docs/parcae.md §2, items 4–8).
 
     x = x + attn(norm1(x))          pre-norm (post-norm: x = norm1(x + attn(x)))
     x = x + mlp(norm2(x))           mlp(x) = proj(0.5 · relu(fc(x))²)

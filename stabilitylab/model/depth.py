@@ -1,4 +1,4 @@
-"""How many loop iterations to run, and which of them carry gradient (PARCAE.md §2.9).
+"""How many loop iterations to run, and which of them carry gradient (docs/parcae.md §2, item 9).
 
 A `Depth` is n iterations without gradient followed by k with gradient (truncated
 backprop: only the last k iterations reach the parameters). n and k are ints (the

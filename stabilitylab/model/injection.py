@@ -1,4 +1,4 @@
-"""How the prompt enters the loop: h ↦ Ā h + B̄ e (PARCAE.md §1).
+"""How the prompt enters the loop: h ↦ Ā h + B̄ e (docs/parcae.md §1).
 
 Every injection is linear in (h, e), so it is described by two matrices:
 
@@ -40,6 +40,15 @@ def _identity_or_orthogonal(rows: int, cols: int) -> Tensor:
     if rows == cols:
         return torch.eye(rows)
     return nn.init.orthogonal_(torch.empty(rows, cols))
+
+
+def _init_decay_rates(module: nn.Module, cfg: ModelConfig) -> None:
+    """The decay rates of Parcae and StableDense, as the reference initialises them:
+    A_log = 0 (a = 1) and dt_bias such that Δ = softplus(dt_bias) = −log(injection_decay),
+    so that every channel starts at Ā = exp(−Δ a) = injection_decay."""
+    d = cfg.state_dim
+    module.A_log = nn.Parameter(torch.zeros(d))
+    module.dt_bias = nn.Parameter(torch.full((d,), _inverse_softplus(-math.log(cfg.injection_decay))))
 
 
 class Injection(nn.Module):
@@ -121,10 +130,8 @@ class Parcae(Injection):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.state_dim
-        self.A_log = nn.Parameter(torch.zeros(d))
-        self.dt_bias = nn.Parameter(torch.full((d,), _inverse_softplus(-math.log(cfg.injection_decay))))
-        self.B = nn.Parameter(_identity_or_orthogonal(d, cfg.d_model))
+        _init_decay_rates(self, cfg)
+        self.B = nn.Parameter(_identity_or_orthogonal(cfg.state_dim, cfg.d_model))
 
     def rates(self) -> tuple[Tensor, Tensor]:
         """(Δ, a) with Δ = softplus(dt_bias) and a = exp(A_log): Ā = exp(−Δ a)."""
@@ -203,8 +210,7 @@ class StableDense(Injection):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.state_dim
-        self.A_log = nn.Parameter(torch.zeros(d))
-        self.dt_bias = nn.Parameter(torch.full((d,), _inverse_softplus(-math.log(cfg.injection_decay))))
+        _init_decay_rates(self, cfg)
         self.L = nn.Parameter(torch.randn(d, d) * (0.1 / math.sqrt(d)))
         self.S = nn.Parameter(torch.zeros(d, d))
         self.B = nn.Parameter(_identity_or_orthogonal(d, cfg.d_model))

@@ -94,7 +94,8 @@ class LMOutput:
 
 class LoopedLM(nn.Module):
     """prelude → optional prelude RMSNorm → h_0 → loop of (injection, core blocks) →
-    readout C → coda → final RMSNorm → head tied to the token embedding."""
+    readout C → coda → final RMSNorm → head (tied to the token embedding unless
+    tie_embeddings is off)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -69,7 +69,7 @@ def run_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), lab: str
 def plan_sweep(path: str | Path, sets: list[str] | tuple[str, ...], lab: str | Path,
                report=print) -> tuple[list[CellResult], list[tuple[Cell, str, bool]]]:
     """(results of the cells skipped, [(cell, run id, resume)] of the cells to train)."""
-    cells = sweep_cells(read_experiment(path, sets), path)
+    cells = sweep_cells(read_experiment(path, sets), path, sets)
     plan, results = [], []
     for cell in cells:
         run_id = f"{cell.config.name}/{cell.id}" if cell.id else cell.config.name

@@ -6,7 +6,8 @@ One step s = 1..S:
     lr     = peak · schedule(s)                                      (optim.lr_factor)
     rows   = this rank's share of the global batch of (seed, s)     (Corpus.get_batch)
     depths = sample_depth(model, s, seed) for the global batch, this rank's rows
-    h_0    = truncated normal for the global batch from a generator seeded by (seed, s)
+    h_0    = model.initial_state: for `truncnormal`, drawn for the global batch from a generator
+             seeded by (seed, s); `zero` and `seeded` need no draw
     loss   = mean over grad_accum micro-batches; backward; DDP all-reduces the gradients
     clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
     check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
@@ -32,11 +33,10 @@ from tqdm import tqdm
 
 from stabilitylab import records
 from stabilitylab.config import ConfigError
-from stabilitylab.data import prepare
+from stabilitylab.data import is_shards, prepare
 from stabilitylab.experiment import ExperimentConfig
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
-from stabilitylab.shards import is_shards
-from stabilitylab.store import Run, RunWriter, StoreError
+from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from stabilitylab.train.divergence import DivergenceMonitor
@@ -54,13 +54,26 @@ def train(exp: ExperimentConfig, lab: str | Path = "runs", run_id: str | None = 
     status: finished or diverged. With resume=True continue the run from its newest
     checkpoint (from scratch if it has none). `source` (the experiment file) only
     locates config errors."""
+    run_id = run_id or exp.name
+    check_run_id(run_id)  # before the corpus, the model or the process group exist
     process = distributed.start(exp.train.device)
     try:
-        status = _train(exp, Path(lab), run_id or exp.name, resume, sweep_cell, source, progress, process)
+        status = _train(exp, Path(lab), run_id, resume, sweep_cell, source, progress, process)
         distributed.barrier()  # no rank tears the process group down while another still uses it
         return status
     finally:
         distributed.stop()
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id names a directory inside the lab, 'name' or 'group/name' (the store's rule);
+    one that would leave the lab (`../x`, an absolute path) or nest deeper is a ConfigError."""
+    try:
+        run_id_parts(run_id)
+    except ValueError:
+        raise ConfigError("run_id", f"must be 'name' or 'group/name' inside the lab, got {run_id!r}",
+                          "Use no empty, '.'-leading or '..' part and no absolute path, e.g. sweep/lr-0.01"
+                          ) from None
 
 
 def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_cell: str | None,
