@@ -8,7 +8,7 @@ One step s = 1..S:
     depths = sample_depth(model, s, seed) for the global batch, this rank's rows
     h_0    = model.initial_state: for `truncnormal`, drawn for the global batch from a generator
              seeded by (seed, s); `zero` and `seeded` need no draw
-    loss   = mean over grad_accum micro-batches; backward; DDP all-reduces the gradients
+    loss   = mean over grad_accum micro-batches; backward; DDP all-reduces (FSDP reduce-scatters) ∇
     clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
     check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
     step   = AdamW (and Muon) — unless the run diverged here
@@ -146,6 +146,7 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
         elif not (probes and (force or probes.due(step))):
             return None
         return probes.run(step, probe_model, writer, force=force) if probes else None
+
     val_batches = corpus.val_batches(tc.eval_batches, B, seq_len, process.rank, W)
     eval_depths = tc.depths(cfg.mean_recurrence) if cfg.looped else [1]
     params = count_parameters(cfg)
