@@ -253,7 +253,7 @@ def test_analyze_refuses_contradictory_or_impossible_requests(capsys, pushed_lab
     code, _, err = cli(capsys, "analyze", parcae_dir, "--position", 64)
     assert code == 2 and "position: 64 is outside a sequence of 32 tokens" in err
     code, _, err = cli(capsys, "analyze", parcae_dir, "--batch", 0)
-    assert code == 2 and "batch: batch_size 0 × seq_len None is empty" in err
+    assert code == 2 and "--batch: must be ≥ 1, got 0" in err  # the flag, before the model is loaded
 
 
 # ---- the released sizes on this machine ------------------------------------------------------------------

@@ -69,3 +69,26 @@ def test_a_bug_in_a_verb_is_not_turned_into_a_usage_error(monkeypatch):
     monkeypatch.setattr(inspect, "runs", broken)
     with pytest.raises(KeyError):
         main(["runs", "."])
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["trace", "--depth", "0"], "--depth: must be ≥ 1, got 0"),
+    (["eval", "some-run", "--depths", "4", "-1"], "--depths: must be ≥ 1, got -1"),
+    (["analyze", "some-run", "--batch", "0"], "--batch: must be ≥ 1, got 0"),
+    (["analyze", "some-run", "--seq-len", "0"], "--seq-len: must be ≥ 1, got 0"),
+    (["fit", "x.csv", "--law", "training", "--bootstrap", "-1"], "--bootstrap: must be ≥ 0, got -1"),
+    (["sweep", "x.toml", "--jobs", "0"], "--jobs: must be ≥ 1, got 0"),
+    (["events", "some-run", "--horizon", "nan"], "horizon: is NaN"),
+    (["events", "some-run", "--patience", "0"], "patience: must be ≥ 1, got 0"),
+])
+def test_a_count_flag_out_of_range_is_one_line_before_any_work(tmp_path, capsys, args, flag):
+    """Checked before the target is even looked for (some-run does not exist)."""
+    assert main([*args, *(["--lab", str(tmp_path)] if args[0] in ("eval", "analyze", "sweep") else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"stabilitylab {args[0]}: {flag}" in err
+
+
+def test_a_missing_csv_is_one_line(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "none.csv"), "--law", "training"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"none.csv: cannot read it (No such file or directory)" in err

@@ -54,3 +54,10 @@ def test_a_run_id_that_escapes_the_lab_or_nests_too_deep_is_refused_before_anyth
     err = refused(tmp_path, capsys, "--run-id", run_id)
     assert f"stabilitylab train: run_id: must be 'name' or 'group/name' inside the lab, got {run_id!r}" in err
     assert not (tmp_path / "outside").exists() and not Path("/absolute").exists()
+
+
+def test_sweep_blames_set_too(tmp_path, capsys):
+    assert main(["sweep", str(TINY), "--set", "train.steps=abc", "--lab", str(tmp_path / "lab")]) == 2
+    err = capsys.readouterr().err
+    assert "stabilitylab sweep: --set: train.steps: 'abc' has the wrong type" in err and err.count("\n") == 1
+    assert not (tmp_path / "lab").exists()

@@ -23,6 +23,7 @@ OTHER_MEANINGS = {  # (file, text) where the same letters mean something else
     ("analysis/events.py", "rho"),  # SIGNALS: the ρ(Ā) warning signal
     ("analysis/events.py", "divergence"), ("config/experiment.py", "divergence"),  # the [divergence] table
     ("train/trainer.py", "rho"),  # a key of the resume state (kept: old checkpoints resume)
+    ("train/checkpoint.py", "rho"),  # the same key, among those a resume state must hold
 }
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from stabilitylab.cli.common import UsageError, add_lab
+from stabilitylab.cli.common import UsageError, add_lab, check_counts
 from stabilitylab.config import ConfigError
 
 TARGET_HELP = "a run directory or run id in --lab, a checkpoint file, or a parcae_lm checkpoint directory"
@@ -41,6 +41,7 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
 
 def fit(args: argparse.Namespace) -> int:
     """Fit a law to a CSV or to a lab's runs; print its parameters, intervals and errors."""
+    check_counts(args, bootstrap=0)
     if (args.csv is None) == (args.lab is None):
         raise UsageError("--lab", "give a CSV file or --lab LAB (one of them)")
     lab_only = [flag for flag, given in (("--experiment", args.experiment), ("--holdout", args.holdout),
@@ -61,7 +62,11 @@ def fit_csv(args: argparse.Namespace) -> int:
 
     from stabilitylab.analysis import scaling
 
-    table = pd.read_csv(args.csv)
+    try:
+        table = pd.read_csv(args.csv)
+    except OSError as err:
+        raise UsageError(args.csv, f"cannot read it ({err.strerror or err})", "Pass a CSV file, one row per point"
+                         ) from None
     law = scaling.TEST_TIME_FORMS.get(args.form) if args.law == "test-time" else {
         "chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}[args.law]
     if law is None:
@@ -77,6 +82,8 @@ def fit_lab(args: argparse.Namespace) -> int:
     from stabilitylab.analysis import fits, scaling
 
     points = fits.lab_points(args.lab, args.experiment)
+    for run_id, why in points.unreadable.items():
+        print(f"skipped {run_id}: unreadable ({why})")
     for run_id, status in points.skipped.items():
         print(f"skipped {run_id}: {status} (only finished runs are fitted)")
     finished = sorted(set(points.done["run"]))
@@ -165,6 +172,7 @@ def analyze(args: argparse.Namespace) -> int:
     from stabilitylab.analyze import record
     from stabilitylab.targets import checkpoint_steps, load_target, read_tokens
 
+    check_counts(args, depth=1, batch=1, seq_len=1)
     if args.all_checkpoints and args.checkpoint is not None:
         raise UsageError("--all-checkpoints", "and --checkpoint both pick checkpoints", "Pass one of them")
     tokens = read_tokens(args.tokens) if args.tokens else None
@@ -188,7 +196,10 @@ def analyze(args: argparse.Namespace) -> int:
         record(first.run, results)
         print(f"recorded in {first.run.path}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+        try:
+            Path(args.out).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+        except OSError as err:
+            raise UsageError("--out", f"cannot write {args.out}: {err.strerror}", "Pass a writable path") from None
     return 1 if any(r.error for r in results) else 0
 
 
@@ -265,7 +276,11 @@ def events(args: argparse.Namespace) -> int:
         if args.write and run.alive():
             print("  not written: a process is training it")
         elif args.write:
-            added = write_events(run, report)
+            try:
+                added = write_events(run, report)
+            except StoreError as err:  # e.g. a database that fails its integrity check
+                print(f"  not written: {err}")
+                continue
             print("  wrote " + ", ".join(f"{n} {kind}" for kind, n in added.items())
                   + " event(s) and the result 'events'")
     if len(reports) > 1:

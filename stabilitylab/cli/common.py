@@ -40,6 +40,17 @@ def call(handler: Handler, args: argparse.Namespace) -> int:
         raise UsageError.of(err) from None
 
 
+def check_counts(args: argparse.Namespace, **lowest: int) -> None:
+    """Count flags (dest=lowest value allowed; a list flag checks each value): one below its
+    lowest is a UsageError naming the flag, before any work starts."""
+    for dest, low in lowest.items():
+        values = getattr(args, dest)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < low:
+                flag = "--" + dest.replace("_", "-")
+                raise UsageError(flag, f"must be ≥ {low}, got {value}", f"Pass {flag} {low} or more")
+
+
 def add_lab(p: argparse.ArgumentParser, what: str = "lab directory") -> None:
     p.add_argument("--lab", default=str(DEFAULT_LAB), help=f"{what} (default: {DEFAULT_LAB}/)")
 
@@ -66,9 +77,14 @@ def run_table(summaries: Iterable[Mapping[str, Any]]) -> str:
             status = "running (no writer)"
         steps = "-" if pd.isna(r["last_step"]) else f"{int(r['last_step'])}"
         reason = f"  {r['status_reason']}" if r["status"] in ("diverged", "failed") else ""
-        lines.append(f"{r['run_id']:<{width}}  {status:<20} {steps:>7} {r['final_loss']:>11.4f} {r['max_rho']:>9.4f} "
-                     f"{r['max_state_norm']:>10.4g}{reason}")
+        lines.append(f"{r['run_id']:<{width}}  {status:<20} {steps:>7} {_fixed(r['final_loss']):>11} "
+                     f"{_fixed(r['max_rho']):>9} {r['max_state_norm']:>10.4g}{reason}")
     return "\n".join(lines)
 
 
-__all__ = ["UsageError", "call", "add_lab", "add_sets", "run_table"]
+def _fixed(x: float) -> str:
+    """Four decimals, or four significant digits once that would not fit (an exploded ρ)."""
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
+__all__ = ["UsageError", "call", "check_counts", "add_lab", "add_sets", "run_table"]

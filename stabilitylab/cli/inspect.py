@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from stabilitylab import records
-from stabilitylab.cli.common import UsageError, add_lab, run_table
+from stabilitylab.cli.common import UsageError, add_lab, check_counts, run_table
 from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS
 
 
@@ -28,6 +28,7 @@ def trace(args: argparse.Namespace) -> int:
     from stabilitylab.config import ModelConfig
     from stabilitylab.model import LoopedLM
 
+    check_counts(args, depth=1)
     torch.manual_seed(args.seed)
     tokens = torch.randint(0, 256, (4, 64))
     names = [args.injection] if args.injection != "all" else ["add", "concat", "free-diagonal", "parcae"]
@@ -83,10 +84,12 @@ def add_compact(sub: argparse._SubParsersAction) -> None:
 
 
 def compact(args: argparse.Namespace) -> int:
-    from stabilitylab.store import compact_run, find_runs
+    """Compact a run or every run of a lab; a run that cannot be compacted (a live writer, a
+    damaged database) is named with the reason and the others go on."""
+    from stabilitylab.store import compact_lab
 
-    for run_dir in [r.path for r in find_runs(args.target)] or [args.target]:
-        print(f"{run_dir}: {compact_run(run_dir) / 2**20:.1f} MiB freed")
+    for run_dir, freed in compact_lab(args.target):
+        print(f"{run_dir}: {freed / 2**20:.1f} MiB freed" if isinstance(freed, int) else f"skipped {run_dir}: {freed}")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stabilitylab.cli.common import UsageError, add_lab, add_sets, run_table
+from stabilitylab.cli.common import UsageError, add_lab, add_sets, check_counts, run_table
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +83,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     add_sets(p, ", e.g. --set train.lr=1e-2")
     add_lab(p)
     p.add_argument("--run-id", help="run name inside the lab (default: the experiment's name)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest intact checkpoint (a damaged newer one is skipped, "
+                        "and said so)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="with --resume: continue from this step's checkpoint; what was recorded after it is dropped")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(handler=train)
 
@@ -96,11 +100,14 @@ def train(args: argparse.Namespace) -> int:
     from stabilitylab.train.distributed import is_main_process
     from stabilitylab.train.trainer import train as train_run
 
+    if args.checkpoint is not None and not args.resume:
+        raise UsageError("--checkpoint", "picks the checkpoint a resume starts from", "Add --resume")
     exp = load_experiment(args.experiment, args.sets)
     if (exp.sweep.grid or exp.sweep.seeds) and is_main_process():
         print(f"note: train ignores [sweep]; `stabilitylab sweep {args.experiment}` runs its cells", file=sys.stderr)
     run_id = args.run_id or exp.name
-    train_run(exp, args.lab, run_id, resume=args.resume, source=args.experiment, progress=args.progress)
+    train_run(exp, args.lab, run_id, resume=args.resume, checkpoint=args.checkpoint, source=args.experiment,
+              progress=args.progress)
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     run = open_run(run_id, args.lab)
@@ -132,8 +139,7 @@ def sweep(args: argparse.Namespace) -> int:
     if a cell failed."""
     from stabilitylab.train.sweep import run_sweep
 
-    if args.jobs < 1:
-        raise UsageError("--jobs", f"must be ≥ 1, got {args.jobs}", "Pass --jobs 1 or more")
+    check_counts(args, jobs=1)
     if args.launcher == "submitit":
         return sweep_submitit(args)
     results = run_sweep(args.experiment, args.sets, args.lab, args.jobs)
@@ -149,10 +155,7 @@ def sweep_submitit(args: argparse.Namespace) -> int:
 
     from stabilitylab.train.slurm import slurm_executor, submit_sweep
 
-    for flag in ("slurm_gpus_per_node", "slurm_cpus_per_task", "array_parallelism", "timeout_min"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "slurm_gpus_per_node" else 1):
-            raise UsageError("--" + flag.replace("_", "-"), f"got {value}", "Pass a positive number")
+    check_counts(args, slurm_gpus_per_node=0, slurm_cpus_per_task=1, array_parallelism=1, timeout_min=1)
     executor = slurm_executor(Path(args.lab) / ".submitit", args.slurm_partition, args.slurm_gpus_per_node,
                               args.array_parallelism, args.timeout_min, args.slurm_cpus_per_task)
     skipped, jobs = submit_sweep(args.experiment, args.sets, args.lab, executor)
@@ -173,6 +176,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """Evaluate, print the table and record it in the run's store."""
     from stabilitylab.train.evaluate import eval_run
 
+    check_counts(args, depths=1)
     step, losses = eval_run(args.run, args.lab, args.depths)
     print(f"step {step}")
     print(f"{'depth':>6} {'val loss':>9}")

@@ -1,6 +1,6 @@
 """The training loop, top to bottom.
 
-    train(exp, lab, run_id)           one run: new, or resumed from its newest checkpoint
+    train(exp, lab, run_id)           one run: new, or resumed from its newest intact checkpoint
 
 One step s = 1..S:
     lr     = peak · schedule(s)                                      (optim.lr_factor)
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from stabilitylab.experiment import ExperimentConfig
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
 from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
-from stabilitylab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from stabilitylab.train.checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from stabilitylab.train.divergence import DivergenceMonitor
 from stabilitylab.train.evaluate import evaluate, global_initial_state, stream_seed
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles, set_lr
@@ -49,16 +50,21 @@ DONE = ("finished", "diverged")  # a run in one of these is a result: train --re
 
 
 def train(exp: ExperimentConfig, lab: str | Path = "runs", run_id: str | None = None, *, resume: bool = False,
-          sweep_cell: str | None = None, source: str | Path | None = None, progress: bool = True) -> str:
+          checkpoint: int | None = None, sweep_cell: str | None = None, source: str | Path | None = None,
+          progress: bool = True) -> str:
     """Train one run into lab/run_id (default: the experiment's name) and return its
-    status: finished or diverged. With resume=True continue the run from its newest
-    checkpoint (from scratch if it has none). `source` (the experiment file) only
-    locates config errors."""
+    status: finished or diverged. With resume=True continue the run from its newest intact
+    checkpoint (checkpoint.resume_checkpoint; from scratch if it has none), or from that of
+    step `checkpoint`; what was recorded after it is dropped. `source` (the experiment file)
+    only locates config errors."""
+    if checkpoint is not None and not resume:
+        raise ConfigError("checkpoint", f"step {checkpoint} picks the checkpoint a resume starts from",
+                          "Add --resume, or drop --checkpoint")
     run_id = run_id or exp.name
     check_run_id(run_id)  # before the corpus, the model or the process group exist
     process = distributed.start(exp.train.device)
     try:
-        status = _train(exp, Path(lab), run_id, resume, sweep_cell, source, progress, process)
+        status = _train(exp, Path(lab), run_id, resume, checkpoint, sweep_cell, source, progress, process)
         distributed.barrier()  # no rank tears the process group down while another still uses it
         return status
     finally:
@@ -76,8 +82,8 @@ def check_run_id(run_id: str) -> None:
                           ) from None
 
 
-def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_cell: str | None,
-           source: str | Path | None, progress: bool, process: distributed.Process) -> str:
+def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoint_step: int | None,
+           sweep_cell: str | None, source: str | Path | None, progress: bool, process: distributed.Process) -> str:
     tc, cfg, seq_len = exp.train, exp.model, exp.data.seq_len
     B, G, W, device = tc.batch_size, tc.grad_accum, process.world_size, process.device
 
@@ -90,15 +96,20 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
     if (corpus.vocab_size or 0) > cfg.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.vocab_size} is smaller than the {kind} tokenizer's "
                           f"{corpus.vocab_size} tokens", f"Set model.vocab_size ≥ {corpus.vocab_size}", source=source)
-    run_dir = lab / run_id
+    run_dir, checkpoint = lab / run_id, None
     if resume:
         run = Run(run_dir, run_id) if (run_dir / "run.db").is_file() else None
         if run is None:
             raise StoreError(run_dir, "no run to resume here", "train it without --resume first")
         status = run.status()["status"]
+        if status in DONE and checkpoint_step is not None:
+            raise StoreError(run_dir, f"is {status}: a result, which a resume does not rewrite",
+                             "train a new --run-id to explore from one of its checkpoints")
         if status in DONE:
             return status
         _check_same_config(run, exp)
+        announce = (lambda line: print(line, file=sys.stderr)) if process.main else None
+        checkpoint = resume_checkpoint(run, checkpoint_step, announce)  # sha256-checked, before the model
     elif run_dir.exists():
         raise StoreError(run_dir, "a run with this id already exists", "continue it with --resume, or choose "
                          "another --run-id")
@@ -110,7 +121,6 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, sweep_ce
     monitor = DivergenceMonitor(exp.divergence)
     totals = {records.TOKENS: 0, records.FLOPS: 0.0, records.WALL_TIME: 0.0}
     start, rho = 0, math.nan
-    checkpoint = latest_checkpoint(run) if resume else None
     if checkpoint:  # full weights into the whole model, before any sharding
         start, weights, state_file = checkpoint
         state = load_checkpoint(model, weights, state_file, device)
