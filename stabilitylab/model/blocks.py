@@ -47,25 +47,38 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, length: int, base: float) -> Tensor:
-    """Interleaved RoPE as complex rotations, shape (length, 1, head_dim / 2), complex64.
+    """Interleaved RoPE as a real table of (cos θ, sin θ), shape (length, 1, head_dim / 2, 2), float32.
 
-    Pair (x_{2i}, x_{2i+1}) at position p is the complex number x_{2i} + i·x_{2i+1},
-    rotated by the angle θ = p·base^(-2i/head_dim):
+    Pair (x_{2i}, x_{2i+1}) at position p is rotated by the angle θ = p·base^(-2i/head_dim):
         x'_{2i}   = x_{2i} cos θ − x_{2i+1} sin θ
         x'_{2i+1} = x_{2i+1} cos θ + x_{2i} sin θ
-    i.e. one complex multiplication by e^{iθ} (one kernel, forward and backward).
+    i.e. the complex product (x_{2i} + i·x_{2i+1})·e^{iθ}, written in real arithmetic so that
+    torch.compile fuses it (inductor generates no code for complex numbers). The table is the
+    real view of e^{iθ} = polar(1, θ): (cos θ, sin θ), the layout of the reference's freqs_cis.
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)[:, None]
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in at
-    least float32."""
+    least float32: (a, b) ↦ (a cos θ − b sin θ, b cos θ + a sin θ) on each interleaved pair.
+
+    Under torch.compile this is written out in real arithmetic, which inductor fuses with
+    its neighbours. Eager, the same product is one complex multiplication by the table's
+    complex view (one kernel each way: 2.5–4× cheaper than the five real ones, measured
+    forward + backward on a training step's q and k). The two agree to float rounding.
+    """
     xf = x.float() if x.dtype in LOW_PRECISION else x
-    rotated = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table[: x.shape[-3]]
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    table = table[: x.shape[-3]]
+    if torch.compiler.is_compiling():
+        a, b = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = table.unbind(-1)
+        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * torch.view_as_complex(table))
+    return rotated.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
