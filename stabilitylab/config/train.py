@@ -45,7 +45,7 @@ class TrainConfig:
     keep_checkpoints: int = number(2, "[0, inf)")  # newest checkpoints kept on disk (0 = all)
     seed: int = number(0, "[0, inf)")  # model init, batches, depths and initial states all follow from it
     device: str = "auto"  # auto = cuda if available, else cpu; bf16 autocast on cuda
-    compile: bool = False  # torch.compile the model
+    compile: bool | str = "auto"  # torch.compile the blocks: true, false, or "auto" (when the run is long enough)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -54,6 +54,8 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("device", self.device, DEVICES)
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ConfigError("compile", f"{self.compile!r} is not allowed", 'Allowed: true, false, "auto"')
         if len(self.betas) != 2:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}",
                               "The reference uses [0.8, 0.95]")
