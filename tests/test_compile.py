@@ -73,8 +73,8 @@ def test_compile_is_true_false_or_auto(value):
 def test_compiled_and_eager_training_give_the_same_losses_over_20_steps(tmp_path, corpus_cache, one_thread):
     """20 tiny steps (per-sequence Poisson depths, so the trip counts vary) with the blocks
     compiled by inductor and without. Inductor fuses and reorders float32 arithmetic, so the
-    losses agree to rounding that training then carries along: rtol 1e-4 (measured: at most
-    a few 1e-6). Validation runs eagerly in both, from weights that differ only by that rounding."""
+    losses agree to rounding that training then carries along: rtol 1e-5 (measured: at most
+    1.4e-7 relative, 17 of the 20 losses bit-identical)."""
     sets = [f"data.cache_dir={corpus_cache}", "train.steps=20", "train.eval_every=10", "train.checkpoint_every=0",
             "model.depth_granularity=sequence", "probes.trace_every=5", "probes.spectrum_every=5"]
     losses = {}
@@ -82,4 +82,4 @@ def test_compiled_and_eager_training_give_the_same_losses_over_20_steps(tmp_path
         train(load_experiment(TINY, [*sets, f"train.compile={mode}"]), tmp_path, mode, progress=False)
         losses[mode] = open_run(mode, tmp_path).scalars(["loss"])["value"].to_numpy()
     assert len(losses["true"]) == 20
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
