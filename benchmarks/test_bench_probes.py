@@ -146,7 +146,6 @@ def test_analysis_probe_in_training_steps(benchmark, tmp_path):
         loop_lyapunov(model, tokens, depth, k=k, position=-1, h0=h0)
 
     times = alternate({"step": step, "probe": probe, "former": former}, rounds=5, warmup=1)
-    writer.close()
     steps, former_steps = times["probe"] / times["step"], times["former"] / times["step"]
     benchmark.extra_info.update(threads=THREADS, load=os.getloadavg()[0], step_ms=times["step"] * 1e3,
                                 probe_ms=times["probe"] * 1e3, former_ms=times["former"] * 1e3,
@@ -155,3 +154,4 @@ def test_analysis_probe_in_training_steps(benchmark, tmp_path):
           f"probe {times['probe'] * 1e3:.0f} ms = {steps:.1f} steps (former method {times['former'] * 1e3:.0f} ms "
           f"= {former_steps:.1f} steps, {times['former'] / times['probe']:.1f}x)")
     benchmark.pedantic(probe, rounds=1, iterations=1)
+    writer.close()
