@@ -100,7 +100,10 @@ class Attention(nn.Module):
             else:
                 scaled_orthogonal_(self.proj.weight, cfg.std)
 
-    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> Tensor:
+    def project(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None,
+                start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of shape (B, T, heads, head_dim) for x holding positions start..start+T−1:
+        value embedding, RoPE at those positions, QK-norm."""
         B, T, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
@@ -108,13 +111,23 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
         if self.rope:
-            qk = apply_rope(qk, rope)
+            qk = apply_rope(qk, rope[start:])
         if self.qk_norm:
             qk = F.rms_norm(qk, (D,))
         q, k = qk.split([H, Hkv], dim=2)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None,
+                past: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Causal attention over x; with `past` = (k, v) of the P positions before x (as
+        `project` returns them), x is the single position P, attending to them and itself."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope, ve, start=0 if past is None else past[0].shape[1])
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=H != Hkv)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+                                           is_causal=past is None, enable_gqa=self.heads != self.kv_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -152,9 +165,17 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(width, cfg.norm_eps, cfg.norm_fp32)
         self.mlp = MLP(cfg, width, hidden)
 
-    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None,
+                past: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The block over x (B, T, width); with `past` (see `keys_values`), x is the one
+        position after them (incremental evaluation: the same numbers, to float rounding)."""
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, ve)
+            x = x + self.attn(self.norm1(x), rope, ve, past)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, ve))
+        x = self.norm1(x + self.attn(x, rope, ve, past))
         return self.norm2(x + self.mlp(x))
+
+    def keys_values(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The attention's keys and values for the positions of x: `past` for the position after them."""
+        _, k, v = self.attn.project(self.norm1(x) if self.pre_norm else x, rope, ve)
+        return k, v

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from stabilitylab import records
-from stabilitylab.analysis import eigenvalues, jacobian_spectral_radius, loop_lyapunov, spectral_norm
-from stabilitylab.analysis.maps import at_position, batched_jvp, checked_map, loop_state
+from stabilitylab.analysis import eigenvalues, jacobian_spectral_radius, spectral_norm
+from stabilitylab.analysis.maps import batched_jvp, checked_map, math_attention, orthonormal_rows, work_dtype
 from stabilitylab.config import ProbeConfig, resolve_depth
 from stabilitylab.data import Corpus
 from stabilitylab.model import Depth, LoopedLM, LoopTrace
@@ -40,7 +40,6 @@ from stabilitylab.model.looped import _TraceRecorder
 from stabilitylab.store import RunWriter
 
 DENSE_MAX_BLOCK = 256  # analysis probe: dense per-sequence Jacobian blocks up to this d_state, Krylov beyond
-JVP_CHUNK = 16  # tangents per vmapped JVP call: a few times faster per tangent than all d at once (memory)
 
 
 def grad_norms(roles: dict[str, list[torch.nn.Parameter]], device: torch.device) -> dict[str, Tensor]:
@@ -93,45 +92,104 @@ def injection_spectrum(model: LoopedLM) -> Spectrum:
     return Spectrum(lam, float(lam[0].abs()), spectral_norm(A), norm_b, norm_c)
 
 
-def last_position_eigenvalues(F: Callable[[Tensor], Tensor], h: Tensor, k: int) -> np.ndarray:
-    """The k leading eigenvalues of the per-token Jacobian ∂F[p]/∂h[p] at the last position,
-    by modulus (complex128), picking the cheaper method.
+def last_position_map(model: LoopedLM, tokens: Tensor) -> Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    """For the loop map F(·; e) of `tokens`: h ↦ (F(h), g_h) with g_h(x) = F(h with h[:, p] = x)[:, p]
+    at the last position p = T − 1, the per-token view whose Jacobian is ∂F[p]/∂h[p].
+
+    Under causal attention the positions before p never see p, so their keys and values
+    in every core block are constants of h: they are cached while computing F(h), and
+    g_h runs the core blocks on the single position p against them (Block's `past`). A JVP
+    of g_h then carries its tangent through one position instead of all T. The same
+    numbers as the forward's loop to float rounding (tested against at_position).
+    """
+    e = model.encode(tokens)
+    injection, blocks = model.injection, list(model.core)
+    A, u = injection.transition(), injection.drive(e)
+    P = model.cfg.n_prelude
+    ves = model._value_embeds(tokens, range(P, P + len(blocks)))
+    ropes = [model._rope(block) for block in blocks]
+
+    def step(h: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        z, pasts = injection.step(h, A, u), []
+        for block, rope, ve in zip(blocks, ropes, ves):
+            k, v = block.keys_values(z, rope, ve)
+            pasts.append((k[:, :-1], v[:, :-1]))
+            z = block(z, rope, ve)
+
+        def g(x: Tensor) -> Tensor:
+            y = injection.step(x[:, None], A, u[:, -1:])
+            for block, rope, ve, past in zip(blocks, ropes, ves, pasts):
+                y = block(y, rope, None if ve is None else ve[:, -1:], past)
+            return y[:, 0]
+
+        return z, g
+
+    return step
+
+
+def last_position_lyapunov(step: Callable, h0: Tensor, steps: int, k: int, seed: int = 0) -> tuple[np.ndarray, Tensor]:
+    """(the k leading Lyapunov exponents, h_steps) of the orbit h_{t+1} = F(h_t) from h0, for
+    the per-token cocycle ∂F(h_t)[p]/∂h[p] at the last position: Benettin's QR method
+    (stabilitylab.analysis.lyapunov, the same start frame and order, so the same numbers as
+    loop_lyapunov(position=-1) to float rounding), its k JVPs per step through g_t of
+    last_position_map."""
+    B, _, d = h0.shape
+    work = work_dtype(h0)
+    Q = orthonormal_rows(B * d, k, seed).to(device=h0.device, dtype=work)  # (k, B·d), rows orthonormal
+    h, logs = h0, []
+    for t in range(steps):
+        h_next, g = step(h)
+        if not bool(torch.isfinite(h_next).all()):
+            raise ValueError(f"the orbit left the finite numbers at step {t + 1}: f(h) has non-finite entries")
+        _, Z = batched_jvp(g, h[:, -1], Q.to(h.dtype).view(k, B, d))
+        Qt, R = torch.linalg.qr(Z.reshape(k, B * d).to(work).T)
+        Q, h = Qt.T, h_next
+        logs.append(R.diagonal().abs().double().log())
+    mean = torch.stack(logs).mean(0).cpu()
+    return mean.sort(descending=True, stable=True).values.numpy(), h
+
+
+def last_position_eigenvalues(g: Callable[[Tensor], Tensor], x: Tensor, k: int) -> np.ndarray:
+    """The k leading eigenvalues of the Jacobian of g (a last-position map, x = h[:, −1] of
+    shape (B, d)), by modulus (complex128), picking the cheaper method.
 
     Sequences do not interact, so that (B·d)-dimensional Jacobian is block diagonal, one
     d × d block J_b per sequence, and its eigenvalues are the union of the blocks'. Dense:
-    d JVPs, each pushing the unit vector eᵢ through every sequence at once (column i of
-    every J_b), JVP_CHUNK tangents per vmapped call, then B small eigenproblems in
-    float64. Krylov (stabilitylab.analysis, block Arnoldi on the whole B·d state) spends
-    about 350 JVPs for k = 8 at B·d = 256 (measured), so dense wins up to
-    d = DENSE_MAX_BLOCK, Krylov beyond.
+    d JVPs in one vmapped call, each pushing the unit vector eᵢ through every sequence at
+    once (column i of every J_b), then B small eigenproblems in float64. Krylov
+    (stabilitylab.analysis, block Arnoldi on the whole B·d state) spends about 350 JVPs
+    for k = 8 at B·d = 256 (measured), so dense wins up to d = DENSE_MAX_BLOCK, Krylov beyond.
     """
-    g, x = at_position(F, h, -1)
     checked_map(g, x)
     B, d = x.shape
     if d > DENSE_MAX_BLOCK:
         return jacobian_spectral_radius(g, x, k=k, method="krylov").eigenvalues
     units = torch.eye(d, dtype=x.dtype, device=x.device)[:, None, :].expand(d, B, d)
-    columns = torch.cat([batched_jvp(g, x, chunk)[1] for chunk in units.split(JVP_CHUNK)])  # (d, B, d): J_b eᵢ
+    columns = batched_jvp(g, x, units)[1]  # (d, B, d): J_b eᵢ
     lam = torch.linalg.eigvals(columns.permute(1, 2, 0).double()).flatten().cpu()
     lam = lam[torch.argsort(lam.imag, descending=True, stable=True)]  # conjugate pairs: + before −
     return lam[torch.argsort(lam.abs(), descending=True, stable=True)][:k].numpy()
 
 
+@torch.no_grad()
 def analysis_probe(model: LoopedLM, tokens: Tensor, h0: Tensor, depth: int, step: int, writer: RunWriter) -> None:
-    """The Jacobian spectrum (last_position_eigenvalues) and Lyapunov exponents of the loop
-    at the last position, logged with writer.log_analysis. A loop whose state has
-    overflowed has neither: the reason is logged as a `probe_error` event instead
-    (stabilitylab.analysis refuses non-finite states)."""
+    """The Lyapunov exponents along h_0 → h_T and the Jacobian spectrum at h_T of the loop at
+    the last position (one orbit, last_position_map), logged with writer.log_analysis. A loop
+    whose state has overflowed has neither: the reason is logged as a `probe_error` event."""
     k = min(records.ANALYSIS_K, h0.shape[0] * h0.shape[-1])
     try:
-        lam = last_position_eigenvalues(*loop_state(model, tokens, depth, h0), k)
-        lyapunov = loop_lyapunov(model, tokens, depth, k=k, position=-1, h0=h0)
+        if not bool(torch.isfinite(h0).all()):
+            raise ValueError("the state has non-finite entries")
+        with math_attention():
+            loop = last_position_map(model, tokens)
+            exponents, h = last_position_lyapunov(loop, h0, depth, k)
+            lam = last_position_eigenvalues(loop(h)[1], h[:, -1], k)
     except (ValueError, RuntimeError) as err:
         writer.log_event(step, records.PROBE_ERROR, f"analysis: {err}")
         return
     writer.log_analysis(records.JACOBIAN_RADIUS, step, float(np.abs(lam[0])))
     writer.log_analysis(records.JACOBIAN_MODULI, step, np.abs(lam))
-    writer.log_analysis(records.LYAPUNOV, step, lyapunov.exponents)
+    writer.log_analysis(records.LYAPUNOV, step, exponents)
 
 
 class Probes:
@@ -183,5 +241,5 @@ class Probes:
         return rho
 
 
-__all__ = ["grad_norms", "state_norms", "loop_trace", "Spectrum", "injection_spectrum", "last_position_eigenvalues",
-           "analysis_probe", "Probes"]
+__all__ = ["grad_norms", "state_norms", "loop_trace", "Spectrum", "injection_spectrum", "last_position_map",
+           "last_position_lyapunov", "last_position_eigenvalues", "analysis_probe", "Probes"]
