@@ -6,6 +6,7 @@
     divergence.py   divergence rules and loss spikes
     evaluate.py     validation loss at test depths
     checkpoint.py   safetensors weights + resume state
+    compiling.py    torch.compile of the blocks where it pays (train.compile = "auto")
     distributed.py  torchrun / DDP glue
     sweep.py        a grid of runs, resumable, in parallel processes
 
