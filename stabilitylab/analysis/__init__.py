@@ -10,6 +10,7 @@ from stabilitylab.lazy import lazy_namespace
 
 _MODULES = {
     "bounds": ("BoundResult", "Bounds", "CheckReport", "CheckSettings", "check_bounds", "load_bounds"),
+    "estimate": ("RadiusEstimate", "RadiusTracker", "causal_prefix", "probe_view", "trace_rate"),
     "events": ("EarlyWarning", "History", "RunEvents", "WarningRules", "analyse", "analyse_run",
                "find_divergence", "find_spikes", "warning_table"),
     "lyapunov": ("FiniteTimeLyapunov", "LyapunovSpectrum", "finite_time_lyapunov", "loop_lyapunov",
