@@ -199,7 +199,7 @@ class LoopMonitor:
         with torch.no_grad():
             if loss is not None:
                 values[records.LOSS] = _number(loss)
-            if self.config.grad_norm:
+            if self.config.grad_norm and records.GRAD_NORM not in values:  # given: the caller's (pre-clip) norm
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 if grads:
                     values[records.GRAD_NORM] = float(torch.nn.utils.get_total_norm(grads))
