@@ -361,23 +361,32 @@ def _plain(tree: Any) -> Any:
 # ---- transformers.Trainer ------------------------------------------------------------------------
 
 def trainer_callback(monitor: LoopMonitor) -> Any:
-    """A transformers.TrainerCallback that calls monitor.step after each optimiser step (the
-    loss from the Trainer's logs where it logged one). transformers is imported only here."""
+    """A transformers.TrainerCallback that calls monitor.step once per optimiser step, with the
+    step's loss when the Trainer logs one (logging_steps = 1 logs every step). The Trainer
+    calls on_step_end before on_log, so a step is recorded at its on_log, or at the next
+    on_step_end (or on_train_end) if nothing was logged for it. transformers is imported only here."""
     from transformers import TrainerCallback
 
     class LoopMonitorCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.loss: float | None = None
+            self.pending: tuple[int, Any] | None = None  # (step, model) not yet recorded
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and records.LOSS in logs:  # the Trainer's key is the lab's name
-                self.loss = float(logs[records.LOSS])
+        def _flush(self, loss: float | None = None) -> None:
+            if self.pending is not None:
+                step, model = self.pending
+                self.pending = None
+                monitor.step(step, loss=loss, model=model)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            monitor.step(state.global_step, loss=self.loss, model=model)
-            self.loss = None
+            self._flush()
+            self.pending = (state.global_step, model)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and records.LOSS in logs and self.pending and self.pending[0] == state.global_step:
+                self._flush(float(logs[records.LOSS]))  # the Trainer's key is the lab's name
 
         def on_train_end(self, args, state, control, **kwargs):
+            self._flush()
             monitor.close()
 
     return LoopMonitorCallback()

@@ -220,3 +220,28 @@ def test_a_model_without_a_linear_part_has_no_spectrum(tmp_path):
         monitor.step(1, loss=2.0)
     assert open_run("ouro-like", tmp_path).spectra().empty
     assert np.isnan(list_runs(tmp_path)["max_rho"][0])
+
+
+def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_path):
+    """The hooks the transformers Trainer calls, called as it calls them (the Trainer itself
+    needs `accelerate`, which the lab does not install)."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from stabilitylab.monitor import trainer_callback
+
+    model = tiny()
+    probe, _ = next(batches(1, batch=1))
+    monitor = LoopMonitor(model, tmp_path, "hf", probe_tokens=probe)
+    callback = trainer_callback(monitor)
+    for step in (1, 2, 3, 4):
+        state = SimpleNamespace(global_step=step)
+        callback.on_step_end(None, state, None, model=model)  # the Trainer's order: step end, then log
+        if step != 3:  # step 3 logs nothing (logging_steps > 1)
+            callback.on_log(None, state, None, logs={records.LOSS: 3.0 - step / 10})
+    callback.on_train_end(None, state, None)
+    run = open_run("hf", tmp_path)
+    loss = run.scalars([records.LOSS])
+    assert run.status()["status"] == "finished" and run.summary()["last_step"] == 4
+    assert dict(zip(loss["step"], loss["value"])) == {1: 2.9, 2: 2.8, 4: 2.6}
+    assert math.isfinite(run.scalars([records.RADIUS_ESTIMATE])["value"].iloc[-1])
