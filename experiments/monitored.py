@@ -3,8 +3,8 @@
     python experiments/monitored.py experiments/c2_late_divergence.toml --lab runs [--set k=v ...]
 
 The loop is the trainer's step (train/trainer.py: the same batches, depths, h_0, AdamW /
-Muon groups, schedule and clipping, single process, no grad accumulation), written out
-as a user would write it, so that the monitor's every-step signals (radius estimate,
+Muon groups, schedule and clipping, single process, no grad accumulation; the same
+losses bit for bit, tests/test_monitor.py), written out as a user would write it, so that the monitor's every-step signals (radius estimate,
 contraction rate) exist for the warning benchmark: the trainer does not record them
 yet. Each cell is the run lab/<experiment>/<cell id>; a cell already in the lab is
 skipped. Divergence is recorded (the run goes on to its last step, as action "record").
@@ -25,7 +25,8 @@ from stabilitylab.experiment import read_experiment, sweep_cells
 from stabilitylab.model import LoopedLM, sample_depth
 from stabilitylab.monitor import LoopMonitor, MonitorConfig
 from stabilitylab.train.evaluate import global_initial_state, stream_seed
-from stabilitylab.train.optim import build_optimizers, lr_factor, set_lr
+from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles, set_lr
+from stabilitylab.train.probes import grad_norms
 from stabilitylab.train.trainer import H0_SALT
 
 
@@ -39,6 +40,7 @@ def train_monitored(exp, lab: str | Path, run_id: str, monitor_config: MonitorCo
     torch.manual_seed(tc.seed)
     model = LoopedLM(cfg)
     optimizers = build_optimizers(model, tc)
+    roles = parameter_roles(model)
     config = MonitorConfig(**{**monitor_config.__dict__, "divergence": exp.divergence})
     watch = (LoopMonitor(model, lab, run_id, config=config, run_config=exp.to_dict(), experiment=exp.name,
                          seed=tc.seed) if monitor else None)
@@ -54,7 +56,9 @@ def train_monitored(exp, lab: str | Path, run_id: str, monitor_config: MonitorCo
                                       torch.device("cpu"))
             out = model(x, y, depth=depth, h0=h0, trace=True)
             out.loss.backward()
-            total = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            total = torch.nn.utils.get_total_norm(list(grad_norms(roles, x.device).values()))  # the trainer's ‖∇‖
+            if tc.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, total)
             for opt in optimizers:
                 opt.step()
             if watch:

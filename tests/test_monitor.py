@@ -3,8 +3,10 @@ its numbers are the trainer's, and that bad input never ends a training run."""
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -245,3 +247,28 @@ def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_pa
     assert run.status()["status"] == "finished" and run.summary()["last_step"] == 4
     assert dict(zip(loss["step"], loss["value"])) == {1: 2.9, 2: 2.8, 4: 2.6}
     assert math.isfinite(run.scalars([records.RADIUS_ESTIMATE])["value"].iloc[-1])
+
+
+def test_a_run_recorded_by_the_monitor_holds_the_trainers_numbers(tmp_path, corpus_cache):
+    """experiments/monitored.py is the trainer's step written as a plain loop: the same
+    experiment recorded by the trainer and by the monitor has the same loss, ‖∇‖ and ‖h_T‖
+    at every step, and the same divergence verdicts."""
+    import sys
+
+    from stabilitylab.experiment import load_experiment
+    from stabilitylab.train.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from monitored import train_monitored
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml",
+                          [f"data.cache_dir={corpus_cache}", "train.steps=4", "train.eval_every=0",
+                           "train.checkpoint_every=0"])
+    train(exp, tmp_path, "trainer", progress=False)
+    train_monitored(exp, tmp_path, "monitor")
+    names = [records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.STATE_NORM_MEAN, records.LR]
+    by_trainer, by_monitor = (open_run(r, tmp_path).scalars(names).pivot(index="step", columns="name", values="value")
+                              for r in ("trainer", "monitor"))
+    assert len(by_trainer) == 4
+    pd.testing.assert_frame_equal(by_trainer, by_monitor, check_exact=True)
+    assert open_run("monitor", tmp_path).status()["status"] == open_run("trainer", tmp_path).status()["status"]
