@@ -56,7 +56,7 @@ def test_rho_crossing_one_at_s_warns_d_minus_s_steps_before_a_divergence_at_d(s,
     rho_warning = next(w for w in report.warnings if w.signal == "rho")
     assert (rho_warning.step, rho_warning.lead_steps, rho_warning.outcome) == (s, d - s, "early")
     assert rho_warning.lead_tokens == (d - s) * TOKENS_PER_STEP and rho_warning.lead_flops == (d - s) * FLOPS_PER_STEP
-    assert [w.signal for w in report.first] == ["rho"] + (["state_trend"] if s == d else [])
+    assert [w.signal for w in report.first] == ["rho"] + (["state_trend", "forecast"] if s == d else [])
     assert report.outcomes()["any"] == "early"
 
 
@@ -291,7 +291,8 @@ def test_a_store_run_reads_into_the_history_the_analysis_expects(tmp_path):
     assert report.divergence.step == 33  # 10·1.5^18 > 1e4
     assert [s.step for s in report.spikes] == [15]
     # τ = (log 1e4 − log h_s) / log 1.5 = 17.04 − (s − 15) ≤ 5 from s = 28
-    assert {w.signal: w.step for w in report.warnings} == {"rho": 20, "loop_rate": 20, "state_trend": 28}
+    assert {w.signal: w.step for w in report.warnings} == {"rho": 20, "loop_rate": 20, "state_trend": 28,
+                                                           "forecast": 28}  # forecast: here by its nowcast
     assert report.to_dict()["first_signals"] == ["rho", "loop_rate"]
     assert report.warnings[0].lead_tokens == 1300 and report.warnings[0].lead_flops == 13e6
 
@@ -307,7 +308,7 @@ def test_events_write_adds_warnings_and_the_missing_divergence_and_never_repeats
     assert kept[["step", "kind", "time"]].reset_index(drop=True).equals(before[["step", "kind", "time"]])
     added = after[after["detail"] != "recorded by the trainer"]
     assert sorted(zip(added["step"], added["kind"])) == [(20, EARLY_WARNING), (20, EARLY_WARNING),
-                                                          (28, EARLY_WARNING), (33, DIVERGENCE)]
+                                                          (28, EARLY_WARNING), (28, EARLY_WARNING), (33, DIVERGENCE)]
     assert run.results()["events"]["divergence"]["step"] == 33
     assert main(["events", str(run.path), "--write"]) == 0  # a second time adds nothing
     assert len(run.events()) == len(after)

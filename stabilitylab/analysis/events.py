@@ -265,12 +265,14 @@ class WarningRules:
     horizon: float = 5.0
     trend_window: int = 5
     patience: int = 1
-    # the forecasting signals (`forecast_signals`); defaults chosen on the tuning runs, docs/analysis.md
+    # the forecasting signals (`forecast_signals`): level 1 is the stability boundary; window,
+    # horizons and patience chosen by experiments/score_warnings.py on c2_late_divergence seed 0
+    # (docs/analysis.md, "Forecasting")
     forecast_level: float = 1.0
-    forecast_window: int = 20
+    forecast_window: int = 10
     forecast_horizon: float = 50.0
     forecast_state_horizon: float = 100.0
-    forecast_patience: int = 5
+    forecast_patience: int = 3
 
     def __post_init__(self) -> None:
         if self.forecast_patience < 1 or self.forecast_window < 2 or not self.forecast_horizon >= 0 \
@@ -351,11 +353,13 @@ def forecast_signals(history: History, rules: WarningRules, bound: float
                   reaching `forecast_level` (1: the loop stops contracting) ≤ forecast_horizon
     rate_trend    the same for the every-step contraction rate of the training forward's trace
     rho_trend     the same for ρ(Ā) (spectra; sparse steps are fine)
-    forecast      the combined warning: the radius trend (or ρ(Ā)'s where no radius estimate
+    forecast      the combined warning: [the radius trend (or ρ(Ā)'s where no radius estimate
                   was recorded) within forecast_horizon AND log ‖h_T‖'s trend reaching the
                   divergence bound within forecast_state_horizon, both over forecast_window
-                  steps; a loop forecast to stop contracting whose state is also growing
-                  towards the bound. Each held for forecast_patience steps in a row."""
+                  steps, held for forecast_patience steps in a row] — a loop forecast to stop
+                  contracting whose state also grows towards the bound — OR the state_trend
+                  nowcast (so it never misses a fast divergence that today's warning sees).
+    The single trend signals hold for forecast_patience steps in a row too."""
     out: dict[str, tuple[pd.Series, np.ndarray, str]] = {}
     level, window, horizon = rules.forecast_level, rules.forecast_window, rules.forecast_horizon
     named = {"radius_trend": (history.scalars.get(RADIUS_ESTIMATE), "ρ̂(∂F/∂h)"),
@@ -373,9 +377,10 @@ def forecast_signals(history: History, rules: WarningRules, bound: float
         state_tau = state_forecast(h_norm, bound, window)
         lead = lead.reindex(state_tau.index, method="ffill").fillna(np.inf)  # ρ(Ā) is sparse: hold its last τ
         both = (lead.to_numpy() <= horizon) & (state_tau.to_numpy() <= rules.forecast_state_horizon)
-        out["forecast"] = (lead, _held(both, rules.forecast_patience),
+        nowcast = state_forecast(h_norm, bound, rules.trend_window).to_numpy() <= rules.horizon
+        out["forecast"] = (lead, _held(both, rules.forecast_patience) | nowcast,
                            f"loop forecast to reach {level:g} in {{:.3g}} steps and ‖h_T‖ the bound within "
-                           f"{rules.forecast_state_horizon:g}")
+                           f"{rules.forecast_state_horizon:g} (or ‖h_T‖ within {rules.horizon:g})")
     return out
 
 
