@@ -4,7 +4,7 @@
         --tune-lab c2_late_divergence --tune-seeds 0 [--json out.json]
 
 Runs of --tune-lab (default: every lab) whose seed is in --tune-seeds choose forecast_window, forecast_horizon,
-forecast_state_horizon and forecast_patience (stabilitylab.analysis.events.WarningRules)
+forecast_state_horizon, forecast_patience and forecast_start (stabilitylab.analysis.events.WarningRules)
 by a grid search: the settings with the most early warnings of the combined `forecast`
 signal minus its false alarms and late warnings, ties broken by the larger median lead.
 Then every signal is scored on the other runs, per lab and pooled
@@ -29,7 +29,8 @@ from stabilitylab.analysis.events import History, WarningRules, analyse, run_div
 from stabilitylab.store import find_runs
 
 GRID = {"forecast_window": [10, 20, 40], "forecast_horizon": [25.0, 50.0, 100.0],
-        "forecast_state_horizon": [50.0, 100.0, 200.0, math.inf], "forecast_patience": [1, 3, 5, 10]}
+        "forecast_state_horizon": [50.0, 100.0, 200.0, math.inf], "forecast_patience": [1, 3, 5, 10],
+        "forecast_start": [50]}  # fixed beforehand: tuned, 0 wins by firing on the init transient
 COLUMNS = ["signal", "runs", "early", "late", "missed", "false_alarm", "recall", "precision", "median_lead_steps",
            "p10_lead_steps", "median_lead_tokens", "false_alarms_per_1000_healthy_steps"]
 

@@ -265,14 +265,16 @@ class WarningRules:
     horizon: float = 5.0
     trend_window: int = 5
     patience: int = 1
-    # the forecasting signals (`forecast_signals`): level 1 is the stability boundary; window,
-    # horizons and patience chosen by experiments/score_warnings.py on c2_late_divergence seed 0
-    # (docs/analysis.md, "Forecasting")
+    # the forecasting signals (`forecast_signals`): level 1 is the stability boundary; start 50 is
+    # fixed beforehand (past the init's transient: tuned, 0 wins by firing at step 12 from it);
+    # window, horizons and patience chosen by experiments/score_warnings.py on c2_late_divergence
+    # seed 0 (docs/analysis.md, "Forecasting")
     forecast_level: float = 1.0
     forecast_window: int = 10
     forecast_horizon: float = 50.0
     forecast_state_horizon: float = 100.0
     forecast_patience: int = 3
+    forecast_start: int = 50  # no trend fires before this step: a trend from the init's transient is no forecast
 
     def __post_init__(self) -> None:
         if self.forecast_patience < 1 or self.forecast_window < 2 or not self.forecast_horizon >= 0 \
@@ -359,7 +361,9 @@ def forecast_signals(history: History, rules: WarningRules, bound: float
                   steps, held for forecast_patience steps in a row] — a loop forecast to stop
                   contracting whose state also grows towards the bound — OR the state_trend
                   nowcast (so it never misses a fast divergence that today's warning sees).
-    The single trend signals hold for forecast_patience steps in a row too."""
+    The single trend signals hold for forecast_patience steps in a row too. No trend fires
+    before step forecast_start: the first steps' rise from the init is a transient that a
+    straight line extrapolates into a false forecast."""
     out: dict[str, tuple[pd.Series, np.ndarray, str]] = {}
     level, window, horizon = rules.forecast_level, rules.forecast_window, rules.forecast_horizon
     named = {"radius_trend": (history.scalars.get(RADIUS_ESTIMATE), "ρ̂(∂F/∂h)"),
@@ -369,14 +373,16 @@ def forecast_signals(history: History, rules: WarningRules, bound: float
         if series is None or not len(series):
             continue
         taus[name] = tau = level_forecast(series.sort_index(), level, window)
-        out[name] = (tau, _held(tau.to_numpy() <= horizon, rules.forecast_patience),
+        started = tau.index.to_numpy() >= rules.forecast_start
+        out[name] = (tau, _held((tau.to_numpy() <= horizon) & started, rules.forecast_patience),
                      f"{label} trend reaches {level:g} in {{:.3g}} steps (≤ {horizon:g})")
     lead = taus.get("radius_trend", taus.get("rho_trend"))
     h_norm = history.scalars.get(STATE_NORM)
     if lead is not None and h_norm is not None and len(h_norm) and math.isfinite(bound):
         state_tau = state_forecast(h_norm, bound, window)
         lead = lead.reindex(state_tau.index, method="ffill").fillna(np.inf)  # ρ(Ā) is sparse: hold its last τ
-        both = (lead.to_numpy() <= horizon) & (state_tau.to_numpy() <= rules.forecast_state_horizon)
+        both = ((lead.to_numpy() <= horizon) & (state_tau.to_numpy() <= rules.forecast_state_horizon)
+                & (state_tau.index.to_numpy() >= rules.forecast_start))
         nowcast = state_forecast(h_norm, bound, rules.trend_window).to_numpy() <= rules.horizon
         out["forecast"] = (lead, _held(both, rules.forecast_patience) | nowcast,
                            f"loop forecast to reach {level:g} in {{:.3g}} steps and ‖h_T‖ the bound within "
