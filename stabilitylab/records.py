@@ -21,6 +21,10 @@ DEPTH_TOTAL_MAX = "depth_total_max"  # the longest n + k of the batch
 STATE_NORM = "h_T_norm"  # max per-token ‖h_T‖ over the batch: the divergence rule's state norm
 STATE_NORM_MEAN = "h_T_norm_mean"  # mean per-token ‖h_T‖
 
+RADIUS_ESTIMATE = "jacobian_radius_est"  # every-step ρ(∂F/∂h) at h_T by the warm-started tracker (monitor)
+CONTRACTION_RATE = "contraction_rate"  # every-step q from the training forward's own loop trace (monitor)
+MONITOR_SCALARS = (RADIUS_ESTIMATE, CONTRACTION_RATE)  # what LoopMonitor adds to SCALARS
+
 SCALARS = (LOSS, LR, GRAD_NORM, TOKENS_PER_S, TOKENS, FLOPS, WALL_TIME, DEPTH_N_MEAN, DEPTH_K_MEAN,
            DEPTH_TOTAL_MAX, STATE_NORM, STATE_NORM_MEAN)  # plus GRAD_NORM_ROLE per role
 
@@ -80,6 +84,7 @@ BATCH_SALT = 0xDA7A  # the training batches' draws
 
 __all__ = ["LOSS", "LR", "GRAD_NORM", "GRAD_NORM_ROLE", "TOKENS_PER_S", "TOKENS", "FLOPS", "WALL_TIME",
            "DEPTH_N_MEAN", "DEPTH_K_MEAN", "DEPTH_TOTAL_MAX", "STATE_NORM", "STATE_NORM_MEAN", "SCALARS",
+           "RADIUS_ESTIMATE", "CONTRACTION_RATE", "MONITOR_SCALARS",
            "TRACE_STATE_NORM_MEAN", "TRACE_STATE_NORM_MAX", "TRACE_DELTA_NORM_MEAN",
            "TRACE_REL_RESIDUAL", "TRACE_COSINE", "TRACE_FIELDS", "E_NORM_MEAN", "H0_NORM_MEAN", "RHO", "NORM_A", "NORM_B", "NORM_C", "NORM_E",
            "SPECTRUM_FIELDS", "JACOBIAN_RADIUS", "JACOBIAN_MODULI", "LYAPUNOV", "ANALYSIS_ARRAYS", "ANALYSIS_K",

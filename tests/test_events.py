@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from stabilitylab.analysis.events import (DIVERGENCE, EARLY_WARNING, SPIKE, History, SpikeDetector,
                                           WarningRules, analyse, analyse_run, find_divergence, find_spikes, loop_rate,
-                                          run_divergence_config, state_forecast, warning_table)
+                                          run_divergence_config, state_forecast, warning_table, level_forecast,
+                                          warning_scores)
 from stabilitylab.cli import main
 from stabilitylab.config import DivergenceConfig
 from stabilitylab.experiment import load_experiment
 from stabilitylab.store import RunWriter, open_run
-from stabilitylab.train.divergence import DivergenceMonitor
+from stabilitylab.analysis.divergence import DivergenceMonitor
 from stabilitylab.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_rho_crossing_one_at_s_warns_d_minus_s_steps_before_a_divergence_at_d(s,
     rho_warning = next(w for w in report.warnings if w.signal == "rho")
     assert (rho_warning.step, rho_warning.lead_steps, rho_warning.outcome) == (s, d - s, "early")
     assert rho_warning.lead_tokens == (d - s) * TOKENS_PER_STEP and rho_warning.lead_flops == (d - s) * FLOPS_PER_STEP
-    assert [w.signal for w in report.first] == ["rho"] + (["state_trend"] if s == d else [])
+    assert [w.signal for w in report.first] == ["rho"] + (["state_trend", "forecast"] if s == d else [])
     assert report.outcomes()["any"] == "early"
 
 
@@ -124,7 +125,7 @@ def test_a_stable_run_has_no_divergence_and_no_warning():
     rho = series(0.45 + 0.1 * np.linspace(0, 1, n // 5), start=5, every=5)
     report = analyse(history(3.0 - np.linspace(0, 1, n), 20.0 + np.linspace(0, 30, n), rho=rho), LIMITS)
     assert report.divergence is None and report.warnings == [] and report.spikes == []
-    assert set(report.outcomes().values()) == {"quiet"} and set(report.signals) == {"rho", "state_trend"}
+    assert set(report.outcomes().values()) == {"quiet"} and set(report.signals) == {"rho", "state_trend", "rho_trend", "forecast"}
 
 
 def test_a_warning_without_divergence_is_a_false_alarm_once_the_run_ends_and_lowers_precision():
@@ -290,7 +291,8 @@ def test_a_store_run_reads_into_the_history_the_analysis_expects(tmp_path):
     assert report.divergence.step == 33  # 10·1.5^18 > 1e4
     assert [s.step for s in report.spikes] == [15]
     # τ = (log 1e4 − log h_s) / log 1.5 = 17.04 − (s − 15) ≤ 5 from s = 28
-    assert {w.signal: w.step for w in report.warnings} == {"rho": 20, "loop_rate": 20, "state_trend": 28}
+    assert {w.signal: w.step for w in report.warnings} == {"rho": 20, "loop_rate": 20, "state_trend": 28,
+                                                           "forecast": 28}  # forecast: here by its nowcast
     assert report.to_dict()["first_signals"] == ["rho", "loop_rate"]
     assert report.warnings[0].lead_tokens == 1300 and report.warnings[0].lead_flops == 13e6
 
@@ -306,7 +308,7 @@ def test_events_write_adds_warnings_and_the_missing_divergence_and_never_repeats
     assert kept[["step", "kind", "time"]].reset_index(drop=True).equals(before[["step", "kind", "time"]])
     added = after[after["detail"] != "recorded by the trainer"]
     assert sorted(zip(added["step"], added["kind"])) == [(20, EARLY_WARNING), (20, EARLY_WARNING),
-                                                          (28, EARLY_WARNING), (33, DIVERGENCE)]
+                                                          (28, EARLY_WARNING), (28, EARLY_WARNING), (33, DIVERGENCE)]
     assert run.results()["events"]["divergence"]["step"] == 33
     assert main(["events", str(run.path), "--write"]) == 0  # a second time adds nothing
     assert len(run.events()) == len(after)
@@ -363,3 +365,81 @@ def test_a_real_exploding_loop_is_warned_of_no_later_than_it_diverges(tmp_path, 
     assert rho.outcome == "early" and rho.value >= 1.0
     assert main(["events", "boom", "--lab", str(tmp_path), "--write"]) == 0
     assert EARLY_WARNING in set(run.events()["kind"])
+
+
+# ---- forecasting (issue 14) -------------------------------------------------------------------
+
+@given(st.floats(0.0, 0.9), st.floats(1e-4, 0.05), st.integers(5, 30))
+def test_a_straight_line_towards_the_level_is_forecast_exactly(start, slope, window):
+    steps = np.arange(1, 101)
+    tau = level_forecast(pd.Series(start + slope * steps, index=steps), 1.0, window)
+    crossing = (1.0 - start) / slope
+    for s in range(window, 101):
+        expected = max(crossing - s, 0.0)
+        assert tau[s] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert np.isinf(tau[: window - 1]).all()  # too few measurements: no line yet
+
+
+def test_a_flat_or_falling_series_is_never_forecast_and_a_non_finite_one_is_there_now():
+    steps = np.arange(1, 31)
+    assert np.isinf(level_forecast(pd.Series(np.full(30, 0.9), index=steps), 1.0, 5)[5:]).all()
+    assert np.isinf(level_forecast(pd.Series(0.9 - 0.01 * steps, index=steps), 1.0, 5)[5:]).all()
+    bad = pd.Series(np.r_[np.full(29, 0.5), np.nan], index=steps)
+    assert level_forecast(bad, 1.0, 5)[30] == 0.0
+
+
+def test_a_sparse_series_is_forecast_in_steps():
+    rho = series(0.5 + 0.002 * np.arange(0, 100, 10), start=10, every=10)  # every 10 steps, 0.002 per step
+    tau = level_forecast(rho, 1.0, 5)
+    assert tau[100] == pytest.approx((1.0 - rho[100]) / 0.002)
+
+
+def late_divergence(n=300, d=200, noise=0.02, seed=0):
+    """A radius estimate that climbs from 0.6 through 1 at step d − 40 and a state that then
+    grows exponentially to the bound at step d; healthy: the same climb stopping at 0.85."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(1, n + 1)
+    radius = np.minimum(0.6 + 0.4 * steps / (d - 40), 2.0) + noise * rng.standard_normal(n)
+    h = 20.0 * np.exp(np.maximum(steps - (d - 40), 0) * math.log(1e4 / 20.0) / 40)
+    return steps, radius, h
+
+
+def test_the_forecast_warns_a_late_divergence_tens_of_steps_ahead():
+    steps, radius, h = late_divergence()
+    hist = history([3.0] * len(steps), h)
+    hist.scalars["jacobian_radius_est"] = pd.Series(radius, index=steps)
+    report = analyse(hist, LIMITS, WarningRules())
+    assert report.divergence.step == int(steps[h > LIMITS.max_state_norm][0])
+    (forecast,) = [w for w in report.warnings if w.signal == "forecast"]
+    assert forecast.outcome == "early" and forecast.lead_steps >= 20
+    (radius_trend,) = [w for w in report.warnings if w.signal == "radius_trend"]
+    assert radius_trend.lead_steps > forecast.lead_steps  # the radius alone warns earlier, and more often
+
+
+def test_a_radius_that_levels_off_below_one_raises_no_combined_forecast():
+    """The radius trend alone fires while the radius still climbs (τ ≤ 50 at 0.84); the
+    combined forecast also needs the state heading for the bound, and stays quiet."""
+    steps = np.arange(1, 301)
+    radius = np.minimum(0.6 + 0.004 * steps, 0.85) + 0.02 * np.random.default_rng(1).standard_normal(300)
+    hist = history([3.0] * 300, 20.0 + 0.1 * steps)
+    hist.scalars["jacobian_radius_est"] = pd.Series(radius, index=steps)
+    report = analyse(hist, LIMITS, WarningRules())
+    assert report.outcomes()["forecast"] == "quiet" and report.outcomes()["radius_trend"] == "false_alarm"
+
+
+def test_warning_scores_count_false_alarms_per_1000_healthy_steps_and_the_lead_percentile():
+    steps, radius, h = late_divergence()
+    reports = []
+    for d in (100, 150, 200, 250):
+        s, r, hh = late_divergence(d=d)
+        hist = history([3.0] * len(s), hh)
+        hist.scalars["jacobian_radius_est"] = pd.Series(r, index=s)
+        reports.append(analyse(hist, LIMITS))
+    alarm = history([3.0] * 500, [10.0] * 500, rho=series([1.05] * 500))  # ρ(Ā) ≥ 1, never diverges
+    reports.append(analyse(alarm, LIMITS))
+    table = warning_scores(reports).set_index("signal")
+    assert table.loc["rho", "false_alarm"] == 1
+    assert table.loc["rho", "false_alarms_per_1000_healthy_steps"] == pytest.approx(2.0)  # 1 in 500 steps
+    leads = sorted(w.lead_steps for r in reports[:4] for w in r.warnings if w.signal == "forecast")
+    assert table.loc["forecast", "p10_lead_steps"] == pytest.approx(np.percentile(leads, 10))
+    assert table.loc["forecast", "recall"] == 1.0

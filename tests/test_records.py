@@ -21,7 +21,9 @@ NAMES = {v for k, v in vars(records).items() if k.isupper() and isinstance(v, st
     records.GRAD_NORM_ROLE}
 OTHER_MEANINGS = {  # (file, text) where the same letters mean something else
     ("analysis/events.py", "rho"),  # SIGNALS: the ρ(Ā) warning signal
-    ("analysis/events.py", "divergence"), ("config/experiment.py", "divergence"),  # the [divergence] table
+    ("analysis/events.py", "divergence"), ("config/experiment.py", "divergence"),
+    ("monitor.py", "divergence"),  # the run config's [divergence] table, which `events` reads
+    ("analysis/__init__.py", "divergence"),  # the module analysis/divergence.py
     ("train/trainer.py", "rho"),  # a key of the resume state (kept: old checkpoints resume)
     ("train/checkpoint.py", "rho"),  # the same key, among those a resume state must hold
 }

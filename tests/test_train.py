@@ -13,7 +13,7 @@ import stabilitylab as sl
 from stabilitylab.experiment import load_experiment
 from stabilitylab.store import RunWriter, open_run
 from stabilitylab.config import DivergenceConfig, TrainConfig
-from stabilitylab.train.divergence import DivergenceMonitor, SpikeDetector
+from stabilitylab.analysis.divergence import DivergenceMonitor, SpikeDetector
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles
 from stabilitylab.train.probes import analysis_probe, injection_spectrum
 from stabilitylab.train.trainer import train

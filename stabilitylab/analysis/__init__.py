@@ -10,8 +10,11 @@ from stabilitylab.lazy import lazy_namespace
 
 _MODULES = {
     "bounds": ("BoundResult", "Bounds", "CheckReport", "CheckSettings", "check_bounds", "load_bounds"),
+    "divergence": ("DivergenceMonitor", "Verdict"),
+    "estimate": ("RadiusEstimate", "RadiusTracker", "causal_prefix", "probe_view", "trace_rate"),
     "events": ("EarlyWarning", "History", "RunEvents", "WarningRules", "analyse", "analyse_run",
-               "find_divergence", "find_spikes", "warning_table"),
+               "find_divergence", "find_spikes", "warning_table", "level_forecast", "forecast_signals",
+               "warning_scores"),
     "lyapunov": ("FiniteTimeLyapunov", "LyapunovSpectrum", "finite_time_lyapunov", "loop_lyapunov",
                  "lyapunov_spectrum"),
     "scaling": ("CHINCHILLA", "TEST_TIME_FORMS", "TRAINING", "UNIFIED", "Allocation", "Fit", "Law",

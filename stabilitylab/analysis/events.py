@@ -61,14 +61,16 @@ import numpy as np
 import pandas as pd
 
 from stabilitylab.config import DivergenceConfig, check_numbers, from_dict, number
-from stabilitylab.records import (DIVERGENCE, EARLY_WARNING, FLOPS, GRAD_NORM, JACOBIAN_RADIUS, LOSS, LYAPUNOV, RHO,
-                                  SPIKE, STATE_NORM, TOKENS, TRACE_DELTA_NORM_MEAN, TRACE_STATE_NORM_MEAN)
+from stabilitylab.records import (CONTRACTION_RATE, DIVERGENCE, EARLY_WARNING, FLOPS, GRAD_NORM, JACOBIAN_RADIUS, LOSS,
+                                  LYAPUNOV, RADIUS_ESTIMATE, RHO, SPIKE, STATE_NORM, TOKENS, TRACE_DELTA_NORM_MEAN,
+                                  TRACE_STATE_NORM_MEAN)
 from stabilitylab.store import RunWriter, StoreError
 
-SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend")
+SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend", "radius_trend", "rate_trend", "rho_trend",
+           "forecast")
 OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
 EVENTS_RESULT = "events"  # the run's result where `write_events` keeps the report
-HISTORY_SCALARS = (LOSS, GRAD_NORM, STATE_NORM, TOKENS, FLOPS)
+HISTORY_SCALARS = (LOSS, GRAD_NORM, STATE_NORM, TOKENS, FLOPS, RADIUS_ESTIMATE, CONTRACTION_RATE)
 
 
 # ---- spikes ------------------------------------------------------------------------------
@@ -266,6 +268,16 @@ class WarningRules:
     horizon: float = number(5.0, "[0, inf]")
     trend_window: int = number(5, "[2, inf)")
     patience: int = number(1, "[1, inf)")
+    # the forecasting signals (`forecast_signals`): level 1 is the stability boundary; start 50 is
+    # fixed beforehand (past the init's transient: tuned, 0 wins by firing at step 12 from it);
+    # window, horizons and patience chosen by experiments/score_warnings.py on c2_late_divergence
+    # seed 0 (docs/analysis.md, "Forecasting")
+    forecast_level: float = number(1.0, "(0, inf)")
+    forecast_window: int = number(10, "[2, inf)")
+    forecast_horizon: float = number(50.0, "[0, inf]")
+    forecast_state_horizon: float = number(100.0, "[0, inf]")
+    forecast_patience: int = number(3, "[1, inf)")
+    forecast_start: int = number(50, "[0, inf)")  # no trend fires before this step: the init's transient is no forecast
 
     def __post_init__(self) -> None:
         check_numbers(self)  # config/base.py: finite unless a bound says inf, inside the interval
@@ -304,6 +316,83 @@ def state_forecast(h_norm: pd.Series, bound: float, window: int) -> pd.Series:
     return pd.Series(tau, index=h_norm.index)
 
 
+def level_forecast(series: pd.Series, level: float, window: int) -> pd.Series:
+    """τ_s: steps until `series` reaches `level` along the least-squares line through its last
+    `window` measurements (x = the step, so a sparse series forecasts in steps too),
+
+        b = Σ(x − x̄)(y − ȳ) / Σ(x − x̄)²,   τ = (level − ŷ_s) / b,   ŷ_s = the line at s
+
+    ∞ while b ≤ 0 or fewer than `window` measurements; 0 at or past the level, or non-finite.
+    The line's value ŷ_s, not the last measurement, so one noisy estimate neither fires nor
+    resets the forecast on its own (the per-step radius estimate varies with the batch)."""
+    x, y = series.index.to_numpy(dtype=float), series.to_numpy(dtype=float)
+    tau = np.full(len(y), np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if len(y) >= window:
+            X = np.lib.stride_tricks.sliding_window_view(x, window)
+            Y = np.lib.stride_tricks.sliding_window_view(y, window)
+            dx = X - X.mean(axis=1, keepdims=True)
+            slope = (dx * (Y - Y.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
+            fitted = Y.mean(axis=1) + slope * dx[:, -1]
+            rising = np.isfinite(slope) & (slope > 0)
+            ahead = np.where(rising, (level - fitted) / np.where(rising, slope, 1), np.inf)
+            tau[window - 1:] = np.where(np.isfinite(fitted) & (fitted >= level), 0.0, np.maximum(ahead, 0.0))
+        tau[~np.isfinite(y)] = 0.0
+    return pd.Series(tau, index=series.index)
+
+
+def forecast_signals(history: History, rules: WarningRules, bound: float
+                     ) -> dict[str, tuple[pd.Series, np.ndarray, str]]:
+    """The forecasting signals (docs/analysis.md, "Forecasting"), each (τ in steps, fires, text):
+
+    radius_trend  τ of the every-step Jacobian radius estimate (scalar jacobian_radius_est)
+                  reaching `forecast_level` (1: the loop stops contracting) ≤ forecast_horizon
+    rate_trend    the same for the every-step contraction rate of the training forward's trace
+    rho_trend     the same for ρ(Ā) (spectra; sparse steps are fine)
+    forecast      the combined warning: [the radius trend (or ρ(Ā)'s where no radius estimate
+                  was recorded) within forecast_horizon AND log ‖h_T‖'s trend reaching the
+                  divergence bound within forecast_state_horizon, both over forecast_window
+                  steps, held for forecast_patience steps in a row] — a loop forecast to stop
+                  contracting whose state also grows towards the bound — OR the state_trend
+                  nowcast (so it never misses a fast divergence that today's warning sees).
+    The single trend signals hold for forecast_patience steps in a row too. No trend fires
+    before step forecast_start: the first steps' rise from the init is a transient that a
+    straight line extrapolates into a false forecast."""
+    out: dict[str, tuple[pd.Series, np.ndarray, str]] = {}
+    level, window, horizon = rules.forecast_level, rules.forecast_window, rules.forecast_horizon
+    named = {"radius_trend": (history.scalars.get(RADIUS_ESTIMATE), "ρ̂(∂F/∂h)"),
+             "rate_trend": (history.scalars.get(CONTRACTION_RATE), "q"), "rho_trend": (history.rho, "ρ(Ā)")}
+    taus = {}
+    for name, (series, label) in named.items():
+        if series is None or not len(series):
+            continue
+        taus[name] = tau = level_forecast(series.sort_index(), level, window)
+        started = tau.index.to_numpy() >= rules.forecast_start
+        out[name] = (tau, _held((tau.to_numpy() <= horizon) & started, rules.forecast_patience),
+                     f"{label} trend reaches {level:g} in {{:.3g}} steps (≤ {horizon:g})")
+    lead = taus.get("radius_trend", taus.get("rho_trend"))
+    h_norm = history.scalars.get(STATE_NORM)
+    if lead is not None and h_norm is not None and len(h_norm) and math.isfinite(bound):
+        state_tau = state_forecast(h_norm, bound, window)
+        lead = lead.reindex(state_tau.index, method="ffill").fillna(np.inf)  # ρ(Ā) is sparse: hold its last τ
+        both = ((lead.to_numpy() <= horizon) & (state_tau.to_numpy() <= rules.forecast_state_horizon)
+                & (state_tau.index.to_numpy() >= rules.forecast_start))
+        nowcast = state_forecast(h_norm, bound, rules.trend_window).to_numpy() <= rules.horizon
+        out["forecast"] = (lead, _held(both, rules.forecast_patience) | nowcast,
+                           f"loop forecast to reach {level:g} in {{:.3g}} steps and ‖h_T‖ the bound within "
+                           f"{rules.forecast_state_horizon:g} (or ‖h_T‖ within {rules.horizon:g})")
+    return out
+
+
+def _held(fires: np.ndarray, patience: int) -> np.ndarray:
+    """True where `fires` has held on the last `patience` entries."""
+    run, out = 0, np.zeros(len(fires), dtype=bool)
+    for i, ok in enumerate(fires):
+        run = run + 1 if ok else 0
+        out[i] = run >= patience
+    return out
+
+
 def _signals(history: History, rules: WarningRules, bound: float) -> dict[str, tuple[pd.Series, np.ndarray, str]]:
     """signal → (values, whether each satisfies its condition, a format for the detail)."""
     def at_least(s: pd.Series, t: float) -> np.ndarray:
@@ -326,6 +415,7 @@ def _signals(history: History, rules: WarningRules, bound: float) -> dict[str, t
         tau = state_forecast(h_norm, bound, rules.trend_window)
         out["state_trend"] = (tau, tau.to_numpy() <= rules.horizon,
                               f"‖h_T‖ reaches max_state_norm {bound:g} in {{:.3g}} steps (≤ {rules.horizon:g})")
+    out.update(forecast_signals(history, rules, bound))
     return {name: item for name, item in out.items() if len(item[0])}
 
 
@@ -350,6 +440,7 @@ class RunEvents:
     signals: tuple[str, ...]
     rules: WarningRules
     complete: bool  # the run ended (finished or diverged): silence is then quiet, not pending
+    steps: int = 0  # training steps recorded (the loss series' length): the false-alarm rate's denominator
 
     @property
     def first(self) -> list[EarlyWarning]:
@@ -415,7 +506,7 @@ def analyse(history: History, limits: DivergenceConfig, rules: WarningRules = Wa
         loss = loss[loss.index < divergence.step]
     spikes = find_spikes(loss, limits.spike_window, limits.spike_k)
     warnings, signals = early_warnings(history, divergence, limits.max_state_norm, rules, complete)
-    return RunEvents(spikes, divergence, warnings, signals, rules, complete)
+    return RunEvents(spikes, divergence, warnings, signals, rules, complete, len(history.scalars[LOSS]))
 
 
 def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
@@ -490,8 +581,30 @@ def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def warning_scores(reports: Iterable[RunEvents]) -> pd.DataFrame:
+    """`warning_table` plus what a user needs to leave a warning switched on: the 10th
+    percentile of the lead in steps, the median lead in tokens, and false alarms per 1000
+    steps of healthy training = false alarms / steps of the runs that did not diverge × 1000
+    (a run warns once, so at most one per run)."""
+    reports = [r for r in reports if r.complete]
+    table = warning_table(reports)
+    healthy = sum(r.steps for r in reports if r.divergence is None)
+    p10, tokens = [], []
+    for signal in table["signal"]:
+        early = [w for r in reports for w in (r.first[:1] if signal == "any" else
+                                               [w for w in r.warnings if w.signal == signal]) if w.outcome == "early"]
+        leads = [w.lead_steps for w in early]
+        p10.append(float(np.percentile(leads, 10)) if leads else math.nan)
+        lead_tokens = [w.lead_tokens for w in early if w.lead_tokens is not None]
+        tokens.append(float(np.median(lead_tokens)) if lead_tokens else math.nan)
+    table["p10_lead_steps"] = p10
+    table["median_lead_tokens"] = tokens
+    table["false_alarms_per_1000_healthy_steps"] = table["false_alarm"] / healthy * 1000 if healthy else math.nan
+    return table
+
+
 __all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes",
            "RULE_FIELDS", "run_divergence_config", "step_verdict",
            "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
            "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "analyse_runs", "EVENTS_RESULT",
-           "missing_events", "write_events", "warning_table"]
+           "missing_events", "write_events", "warning_table", "level_forecast", "forecast_signals", "warning_scores"]

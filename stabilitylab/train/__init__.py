@@ -3,14 +3,15 @@
     trainer.py      train(exp, lab, run_id): the loop, top to bottom
     optim.py        parameter roles, AdamW (+ Muon), the learning-rate schedule
     probes.py       what is measured, how often
-    divergence.py   divergence rules and loss spikes
     evaluate.py     validation loss at test depths
     checkpoint.py   safetensors weights + resume state
     compiling.py    torch.compile of the blocks where it pays (train.compile = "auto")
     distributed.py  torchrun / DDP glue
     sweep.py        a grid of runs, resumable, in parallel processes
 
-The configs (TrainConfig, ProbeConfig, DivergenceConfig) live in stabilitylab.config.
+The configs (TrainConfig, ProbeConfig, DivergenceConfig) live in stabilitylab.config; the
+divergence rules and their checkpointed state in stabilitylab.analysis.divergence (the
+monitor applies the same ones to any training loop).
 """
 
 from stabilitylab.config import DivergenceConfig, ProbeConfig, TrainConfig

@@ -10,7 +10,7 @@ One step s = 1..S:
              seeded by (seed, s); `zero` and `seeded` need no draw
     loss   = mean over grad_accum micro-batches; backward; DDP all-reduces (FSDP reduce-scatters) ∇
     clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
-    check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
+    check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (analysis/divergence.py)
     step   = AdamW (and Muon) — unless the run diverged here
     record = per-step scalars; probes, evaluation and checkpoint on their cadences
 
@@ -41,7 +41,7 @@ from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from stabilitylab.train.compiling import compile_blocks, compile_pays, eager
-from stabilitylab.train.divergence import DivergenceMonitor
+from stabilitylab.analysis.divergence import DivergenceMonitor
 from stabilitylab.train.evaluate import evaluate, global_initial_state, stream_seed
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles, set_lr
 from stabilitylab.train.probes import Probes, grad_norms, state_norms
