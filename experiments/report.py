@@ -84,7 +84,9 @@ def early_warnings(runs: list[store.Run]) -> tuple[dict[str, dict], list[dict]]:
     """stabilitylab.analysis.events on each run: {run id: its spikes, divergence and the
     early-warning signals that fired, with their lead before the divergence}, and the
     signal table over the runs (recall, precision, median lead)."""
-    reports = {run.id: events.analyse_run(run) for run in runs}
+    reports, skipped = events.analyse_runs(runs)
+    for run_id, why in skipped.items():
+        print(f"early warning: skipped {run_id}: {why}", file=sys.stderr)
     return ({rid: r.to_dict() for rid, r in reports.items()},
             events.warning_table(reports.values()).to_dict("records"))
 
@@ -472,10 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-figures", action="store_true", help="numbers only")
     args = parser.parse_args(argv)
     lab, out = Path(args.lab), Path(args.out)
-    table = store.list_runs(lab)
+    table = store.list_runs(lab, check=True)  # a damaged run is reported here and left out of every claim
     if table.empty:
         print(f"{lab}: no runs", file=sys.stderr)
         return 2
+    for row in table[~table.readable.astype(bool)].itertuples():
+        print(f"skipped {row.run_id}: {row.error}", file=sys.stderr)
     c1, c2, figs = c1_c2(table, lab)
     results = {"c1": c1, "c2": c2}
     for claim, compute in (("c3", c3), ("c4", c4), ("c5", c5), ("c6", c6), ("dynamics", dynamics)):

@@ -50,6 +50,7 @@ early / fired (pending runs left out) — how far the warning can be trusted (do
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from collections import deque
@@ -62,7 +63,7 @@ import pandas as pd
 from stabilitylab.config import DivergenceConfig, check_numbers, from_dict, number
 from stabilitylab.records import (DIVERGENCE, EARLY_WARNING, FLOPS, GRAD_NORM, JACOBIAN_RADIUS, LOSS, LYAPUNOV, RHO,
                                   SPIKE, STATE_NORM, TOKENS, TRACE_DELTA_NORM_MEAN, TRACE_STATE_NORM_MEAN)
-from stabilitylab.store import RunWriter
+from stabilitylab.store import RunWriter, StoreError
 
 SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend")
 OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
@@ -419,9 +420,26 @@ def analyse(history: History, limits: DivergenceConfig, rules: WarningRules = Wa
 
 def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
     """`analyse` on a store Run, under the divergence settings it was trained with; complete
-    once its status is finished or diverged."""
-    complete = run.status()["status"] in ("finished", "diverged")
-    return analyse(History.from_run(run), run_divergence_config(run.config()), rules, complete)
+    once its status is finished or diverged. Everything is read from one commit when the
+    run offers a snapshot (a live run keeps writing)."""
+    with getattr(run, "snapshot", contextlib.nullcontext)():
+        complete = run.status()["status"] in ("finished", "diverged")
+        history, limits = History.from_run(run), run_divergence_config(run.config())
+    return analyse(history, limits, rules, complete)
+
+
+def analyse_runs(runs: Iterable[Any],
+                 rules: WarningRules = WarningRules()) -> tuple[dict[str, RunEvents], dict[str, str]]:
+    """`analyse_run` over several runs (a lab): ({run id: its events}, {run id: why it was
+    skipped}). A run that cannot be read (StoreError: a damaged database) or has no history
+    yet (ValueError: no loss recorded) is skipped, and the others are analysed."""
+    reports, skipped = {}, {}
+    for run in runs:
+        try:
+            reports[run.id] = analyse_run(run, rules)
+        except (StoreError, ValueError) as err:
+            skipped[run.id] = str(err)
+    return reports, skipped
 
 
 def missing_events(recorded: pd.DataFrame, report: RunEvents) -> list[tuple[int, str, str]]:
@@ -475,5 +493,5 @@ def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
 __all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes",
            "RULE_FIELDS", "run_divergence_config", "step_verdict",
            "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
-           "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "EVENTS_RESULT",
+           "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "analyse_runs", "EVENTS_RESULT",
            "missing_events", "write_events", "warning_table"]

@@ -32,7 +32,7 @@ import pandas as pd
 
 from stabilitylab.analysis import scaling
 from stabilitylab.analysis.sweep import sweep_points
-from stabilitylab.store import Run, RunWriter, StoreError, find_runs
+from stabilitylab.store import Run, RunWriter, find_runs
 
 ACROSS_RUNS = {"chinchilla": scaling.CHINCHILLA, "training": scaling.TRAINING, "unified": scaling.UNIFIED}
 FITS_DIR = "fits"  # LAB/fits/<experiment>.<law>.json
@@ -41,32 +41,28 @@ DEPTH_FIT_RESULT = "test_time_fit.{form}"  # a run's result holding its test-tim
 
 @dataclass
 class LabPoints:
-    """A lab's scaling points: `done` those of finished runs, `skipped` run → status of the
-    rest, `unreadable` run → why the store could not read it (the others are still fitted)."""
+    """A lab's scaling points: `done` those of finished runs, `skipped` run → status of the rest
+    (or why it could not be read)."""
 
     runs: dict[str, Run]
     done: pd.DataFrame
     skipped: dict[str, str]
-    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def lab_points(lab: str | Path, experiment: str | None = None) -> LabPoints:
-    """The points of the lab's runs (of `experiment`, when given). Raises ValueError when no
-    finished run has evaluated."""
-    runs, unreadable = {}, {}
-    for run in find_runs(lab):
-        try:
-            if experiment in (None, run.meta().get("experiment")):
-                runs[run.id] = run
-        except StoreError as err:
-            unreadable[run.id] = str(err)
-    points = sweep_points(runs.values())
+    """The points of the lab's runs (of `experiment`, when given); a run that cannot be read
+    is skipped with the reason. Raises ValueError when no finished run has evaluated."""
+    unreadable: dict[str, str] = {}
+    runs = {r.id: r for r in find_runs(lab)}
+    points = sweep_points(runs.values(), experiment=experiment, unreadable=unreadable)
+    runs = {run_id: runs[run_id] for run_id in points["run"].unique()}
     done = points[points["status"] == "finished"]
     skipped = {run_id: rows["status"].iloc[0] for run_id, rows in points[points["status"] != "finished"].groupby("run")}
+    skipped |= {run_id: f"unreadable ({why})" for run_id, why in unreadable.items()}
     if done.empty:
         raise ValueError(f"no finished run with evaluations in {lab}"
                          + (f" for experiment {experiment!r}" if experiment else ""))
-    return LabPoints(runs, done, skipped, unreadable)
+    return LabPoints(runs, done, skipped)
 
 
 @dataclass

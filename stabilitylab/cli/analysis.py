@@ -82,10 +82,8 @@ def fit_lab(args: argparse.Namespace) -> int:
     from stabilitylab.analysis import fits, scaling
 
     points = fits.lab_points(args.lab, args.experiment)
-    for run_id, why in points.unreadable.items():
-        print(f"skipped {run_id}: unreadable ({why})")
-    for run_id, status in points.skipped.items():
-        print(f"skipped {run_id}: {status} (only finished runs are fitted)")
+    for run_id, why in points.skipped.items():  # a status (only finished runs are fitted), or unreadable (...)
+        print(f"skipped {run_id}: {why}")
     finished = sorted(set(points.done["run"]))
     unknown = sorted(set(args.holdout) - set(finished))
     if unknown:

@@ -48,7 +48,7 @@ def open_run(ref: str | Path, lab: str | Path = DEFAULT_LAB) -> Run:
 def list_runs(lab: str | Path = DEFAULT_LAB, *, check: bool = False) -> pd.DataFrame:
     """One summary row per run (SUMMARY_COLUMNS, then config.* columns). A run that cannot
     be read is listed with readable=False and the reason in `error`. The summary reads a
-    few pages; with `check`, every page is checked first (Run.check, about 1 ms per MB), so
+    few pages; with `check`, every page is checked first (Run.check, about 2 ms per MiB here), so
     a run damaged where the summary does not look is unreadable too."""
     rows = []
     for run in find_runs(lab):

@@ -185,7 +185,7 @@ class Run:
             os.close(fd)
 
     def check(self) -> None:
-        """PRAGMA quick_check of run.db: every page's structure, about 1 ms per MB. Raises
+        """PRAGMA quick_check of run.db: every page's structure, about 2 ms per MiB here. Raises
         UnreadableRunError where a page is damaged, even one no summary would touch."""
         with self._connect() as con:
             check_integrity(con, self.db, "its records cannot be trusted")
@@ -302,7 +302,8 @@ class Run:
             rows = con.execute(f"SELECT step, rho, norm_a, norm_b, norm_c, norm_e, eigenvalues FROM spectra "
                                f"WHERE {where} ORDER BY step", params).fetchall()
         rows = [(*r[:6], blob_array(r[6], "<c16")) for r in rows]
-        return _frame(rows, {"step": "int64", **dict.fromkeys(records.SPECTRUM_FIELDS, "float64"), "eigenvalues": "object"})
+        return _frame(rows, {"step": "int64", **dict.fromkeys(records.SPECTRUM_FIELDS, "float64"),
+                             "eigenvalues": "object"})
 
     def evals(self) -> pd.DataFrame:
         """(step, depth, metric, value): evaluation at several test depths."""

@@ -113,7 +113,7 @@ def check_version(con: sqlite3.Connection, db: Path) -> None:
 
 def check_integrity(con: sqlite3.Connection, db: Path, doing: str) -> None:
     """PRAGMA quick_check: every page's B-tree structure and record format, O(file size)
-    (about 1 ms per MB here), without comparing indexes to their tables. Raise
+    (about 2 ms per MiB here), without comparing indexes to their tables. Raise
     UnreadableRunError unless it says ok; `doing` is what the caller will not do."""
     try:
         rows = con.execute("PRAGMA quick_check").fetchall()

@@ -54,11 +54,11 @@ class RunWriter:
         try:
             self._con = sqlite3.connect(run_dir / DB_NAME, isolation_level=None)
             check_version(self._con, run_dir / DB_NAME)
+            check_integrity(self._con, run_dir / DB_NAME, "refusing to write into it")  # before any write
             if not _journal_mode(self._con, "WAL", patience=10.0):
                 raise StoreError(run_dir, "readers kept the run busy for 10 s; could not start writing",
                                  "retry; readers hold a run only for the length of one query")
             self._con.execute("PRAGMA synchronous = NORMAL")  # in WAL: durable against a process crash
-            check_integrity(self._con, run_dir / DB_NAME, "refusing to write into it")
             self._ids = dict(self._con.execute("SELECT name, id FROM scalar_columns"))
             self.status = self._con.execute("SELECT status FROM status ORDER BY id DESC LIMIT 1").fetchone()[0]
         except BaseException as err:
@@ -67,7 +67,8 @@ class RunWriter:
             os.close(self._lock)
             if isinstance(err, sqlite3.OperationalError):
                 raise StoreError(run_dir, f"cannot write to this run ({err})",
-                                 f"make it writable (chmod -R u+w {run_dir}) or copy it into a writable lab") from None
+                                 f"make it writable (chmod -R u+w {run_dir}) and free disk space, or copy it into "
+                                 "a writable lab") from None
             if isinstance(err, sqlite3.DatabaseError):
                 raise UnreadableRunError(run_dir / DB_NAME, f"damaged database ({err}); refusing to write into it",
                                          DAMAGED_FIX) from None
@@ -136,18 +137,22 @@ class RunWriter:
         of the index. Status becomes 'running'; a 'resume' event records what was dropped."""
         writer = cls(existing_run(run_dir), owns_status=True, flush_rows=flush_rows,
                      flush_seconds=flush_seconds)
-        step = check_step(step)
         con = writer._con
-        with writer._writing(), transaction(con):
-            before = con.total_changes
-            for table in STEP_TABLES:
-                con.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
-            dropped = con.total_changes - before
-            con.execute("INSERT INTO status (time, status, step, reason) VALUES (?, 'running', ?, ?)",
-                        (time.time(), step, f"resumed after step {step}"))
-            con.execute("INSERT INTO events (step, kind, detail, time) VALUES (?, 'resume', ?, ?)",
-                        (step, f"resumed after step {step}; dropped {dropped} rows recorded beyond it",
-                         time.time()))
+        try:
+            step = check_step(step)
+            with writer._writing(), transaction(con):
+                before = con.total_changes
+                for table in STEP_TABLES:
+                    con.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+                dropped = con.total_changes - before
+                con.execute("INSERT INTO status (time, status, step, reason) VALUES (?, 'running', ?, ?)",
+                            (time.time(), step, f"resumed after step {step}"))
+                con.execute("INSERT INTO events (step, kind, detail, time) VALUES (?, 'resume', ?, ?)",
+                            (step, f"resumed after step {step}; dropped {dropped} rows recorded beyond it",
+                             time.time()))
+        except BaseException:
+            writer.close()  # release the run: nothing was changed
+            raise
         writer.status, writer._last_step = "running", step
         return writer
 
@@ -304,7 +309,8 @@ class RunWriter:
             return
         try:
             self.flush()
-            _journal_mode(self._con, "DELETE", patience=1.0)  # if a reader stays, the run stays WAL
+            with contextlib.suppress(sqlite3.OperationalError):  # a full disk: WAL stays, which readers handle
+                _journal_mode(self._con, "DELETE", patience=1.0)  # if a reader stays, the run stays WAL
         finally:
             self._con.close()
             os.close(self._lock)
@@ -330,14 +336,16 @@ class RunWriter:
 
     def _set_failed(self, reason: str) -> None:
         """Status 'failed' with `reason`. If the buffered rows cannot be written (a full disk),
-        drop them and record the status alone: its one row fits where the failed write had
-        room, and every row committed before stays."""
+        drop them and record the status alone (after a checkpoint empties the -wal file):
+        every row committed before stays."""
         try:
             self.set_status("failed", reason=reason)
-        except StoreError as err:
+        except StoreError:
             lost = self._discard()
+            with contextlib.suppress(sqlite3.Error):  # move the -wal into run.db and start it over
+                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.set_status("failed", reason=f"{reason}; {lost} values logged since the last commit were not "
-                                             f"written ({err.problem})")
+                                             "written")
 
     def _discard(self) -> int:
         """Forget every buffered row (and the scalar names only they used); return how many values."""
@@ -454,7 +462,7 @@ def _journal_mode(con: sqlite3.Connection, mode: str, patience: float) -> bool:
             return True
         except sqlite3.OperationalError as err:
             if err.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return False  # a full disk or an I/O error: the run stays in WAL, which readers handle
+                raise  # not a reader in the way: a full disk, an I/O error, a read-only file
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
