@@ -22,6 +22,9 @@ Split, by file, fixed:
 Tokenizers: "char" (the corpus's characters, sorted), "bytes" (UTF-8 bytes,
 vocab 256) or "bpe" (byte-level BPE trained here on the training split).
 
+Shards: source = "shards:PATH" reads a folder of pre-tokenized shards in place
+(nanoGPT / llm.c .bin files, Parquet); see stabilitylab/shards.py.
+
 Cache: `<cache_dir>/<source>-<tokenizer>-<key>/` holds train.bin and val.bin
 (raw uint8/uint16/uint32 tokens), tokenizer.json and meta.json. The key hashes
 the format version, every file's name and contents, the split and the tokenizer
@@ -49,6 +52,7 @@ import torch
 from stabilitylab.config import ConfigError, DataConfig, check_choice, check_positive
 from stabilitylab.records import BATCH_SALT
 from stabilitylab.config.data import TOKENIZERS
+from stabilitylab.shards import PREFIX, SHARD_TOKENS, TokenShards, is_shards, open_shards, write_shards
 
 FORMAT = 1  # bump when the cache layout or the text rules change
 SEPARATOR = "\n\n"  # between the files of a split
@@ -155,10 +159,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return CharTokenizer(d["chars"])
     if d.get("kind") == "bytes":
         return ByteTokenizer()
-    if d.get("kind") == "bpe":
+    if d.get("kind") == "bpe" or "model" in d:  # ours, or a Hugging Face tokenizers file (e.g. GPT-2's)
         from tokenizers import Tokenizer as HF
 
-        return BPETokenizer(HF.from_str(json.dumps(d["tokenizer"])))
+        return BPETokenizer(HF.from_str(json.dumps(d.get("tokenizer", d))))
     raise ValueError(f"{path}: unknown tokenizer kind {d.get('kind')!r}; expected one of {', '.join(TOKENIZERS)}")
 
 
@@ -172,12 +176,17 @@ def _as_list(ids) -> list[int]:
 class Corpus:
     """Token arrays of both splits (memory maps when prepared) and their tokenizer."""
 
-    train: np.ndarray
-    val: np.ndarray
-    tokenizer: Tokenizer
+    train: np.ndarray | TokenShards
+    val: np.ndarray | TokenShards
+    tokenizer: Tokenizer | None  # None: foreign shards without a tokenizer.json
     path: Path | None = None  # the cache entry
     meta: dict = field(default_factory=dict)
     rebuilt: bool = False  # built by this prepare (False: an existing entry was reused)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary (None: unknown, foreign shards)."""
+        return self.tokenizer.vocab_size if self.tokenizer else self.meta.get("vocab_size")
 
     def get_batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int,
                   rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +202,7 @@ class Corpus:
         data = self._split(split, seq_len)
         rows = _shard(batch_size, rank, world_size)
         rng = np.random.default_rng([seed, step, BATCH_SALT])
-        starts = rng.integers(0, len(data) - seq_len, size=batch_size)
+        starts = rng.integers(0, data.n_starts(seq_len), size=batch_size)
         return _windows(data, starts[rows], seq_len)
 
     def val_batches(self, n_batches: int, batch_size: int, seq_len: int,
@@ -203,16 +212,19 @@ class Corpus:
         check_positive("n_batches", n_batches)
         data = self._split("val", seq_len)
         rows = _shard(batch_size, rank, world_size)
-        starts = np.linspace(0, len(data) - seq_len - 1, n_batches * batch_size).round().astype(np.int64)
+        starts = np.linspace(0, data.n_starts(seq_len) - 1, n_batches * batch_size).round().astype(np.int64)
         return [_windows(data, s[rows], seq_len) for s in starts.reshape(n_batches, batch_size)]
 
-    def _split(self, split: str, seq_len: int) -> np.ndarray:
+    def _split(self, split: str, seq_len: int) -> TokenShards:
+        """The split as shards (one, for the cache's single array); windows never cross a shard."""
         check_choice("split", split, ("train", "val"))
         check_positive("seq_len", seq_len)
         data = self.train if split == "train" else self.val
-        if len(data) < seq_len + 1:
-            raise ConfigError("seq_len", f"the {split} split has {len(data)} tokens, fewer than seq_len + 1 = "
-                              f"{seq_len + 1}", "Lower seq_len, or hold out more text (val_files / val_fraction)",
+        data = data if isinstance(data, TokenShards) else TokenShards([data])
+        if data.n_starts(seq_len) < 1:
+            held = f"{len(data)} tokens" if len(data.arrays) == 1 else f"no shard of {seq_len + 1} tokens or more"
+            raise ConfigError("seq_len", f"the {split} split has {held}, fewer than seq_len + 1 = {seq_len + 1}",
+                              "Lower seq_len, or hold out more text (val_files / val_fraction, or larger shards)",
                               source=self.path)
         return data
 
@@ -229,16 +241,25 @@ def _shard(batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(data: TokenShards, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather only the windows' tokens (never the whole array) into (x, y)."""
-    chunk = torch.from_numpy(np.asarray(data)[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    chunk = torch.from_numpy(data.windows(starts, seq_len))
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
 # ---- prepare: read, split, tokenize, cache ---------------------------------------------------
 
 def prepare(cfg: DataConfig) -> Corpus:
-    """The corpus of `cfg`, from its cache entry; the entry is built first if missing."""
+    """The corpus of `cfg`, from its cache entry; the entry is built first if missing.
+    A "shards:PATH" source is opened in place (no cache)."""
+    if is_shards(cfg.source):
+        splits, tok_file, meta = open_shards(cfg.source, cfg.shard_dtype, cfg.shard_column)
+        tokenizer = load_tokenizer(tok_file) if tok_file else None
+        meta["vocab_size"] = tokenizer.vocab_size if tokenizer else meta.get("vocab_size")
+        corpus = Corpus(splits["train"], splits["val"], tokenizer, Path(cfg.source.removeprefix(PREFIX)), meta)
+        for name in ("train", "val"):
+            corpus._split(name, cfg.seq_len)
+        return corpus
     label, texts, digests = _read_source(cfg.source)
     train, val, split = _split_texts(texts, cfg)
     settings = {"kind": cfg.tokenizer}
@@ -377,4 +398,5 @@ def _open(entry: Path, rebuilt: bool) -> Corpus:
 
 
 __all__ = ["DataConfig", "Corpus", "prepare", "Tokenizer", "CharTokenizer", "ByteTokenizer", "BPETokenizer",
-           "load_tokenizer", "SHAKESPEARE_VAL", "TOKENIZERS"]
+           "load_tokenizer", "SHAKESPEARE_VAL", "TOKENIZERS", "TokenShards", "is_shards", "write_shards",
+           "SHARD_TOKENS"]

@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "store": {"records"},  # the run store knows no model, no torch
     "experiment": BOTTOM,
-    "data": BOTTOM,
+    "shards": BOTTOM,  # pre-tokenized token files, read in place; data opens them
+    "data": BOTTOM | {"shards"},
     "model": BOTTOM,  # never the store, formats or train
     "formats": BOTTOM | {"model"},
     "analysis": BOTTOM | {"lazy", "model", "formats", "store", "data"},

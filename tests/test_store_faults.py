@@ -153,7 +153,10 @@ def test_kill_9_at_a_random_point_loses_only_uncommitted_steps_while_a_reader_re
     run.check()
     kept = assert_prefix(run)
     assert kept >= max(committed, default=0) and kept >= last
-    assert list(run.traces()["state_norm_mean"].steps) == list(range(10, kept + 1, 10))
+    traced, expected = list(run.traces()["state_norm_mean"].steps), list(range(10, kept + 1, 10))
+    # a step's trace is logged after its scalars: a flush between the two calls commits the
+    # step without its trace, and a kill right then loses only that trace
+    assert traced == expected or (kept % 10 == 0 and traced == expected[:-1])
     with RunWriter.resume(run_dir, kept) as w:  # a killed run resumes where its last commit ended
         w.log(kept + 1, dict.fromkeys(NAMES, float(kept + 1)))
     assert assert_prefix(Run(run_dir)) == kept + 1 and Run(run_dir).status()["status"] == "finished"

@@ -41,28 +41,29 @@ DEPTH_FIT_RESULT = "test_time_fit.{form}"  # a run's result holding its test-tim
 
 @dataclass
 class LabPoints:
-    """A lab's scaling points: `done` those of finished runs, `skipped` run → status of the rest
-    (or why it could not be read)."""
+    """A lab's scaling points: `done` those of finished runs, `skipped` run → status of the
+    rest, `unreadable` run → why the store could not read it (the others are still fitted)."""
 
     runs: dict[str, Run]
     done: pd.DataFrame
     skipped: dict[str, str]
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def lab_points(lab: str | Path, experiment: str | None = None) -> LabPoints:
     """The points of the lab's runs (of `experiment`, when given); a run that cannot be read
-    is skipped with the reason. Raises ValueError when no finished run has evaluated."""
+    is left out and named in `unreadable` with the reason. Raises ValueError when no finished
+    run has evaluated."""
     unreadable: dict[str, str] = {}
     runs = {r.id: r for r in find_runs(lab)}
     points = sweep_points(runs.values(), experiment=experiment, unreadable=unreadable)
     runs = {run_id: runs[run_id] for run_id in points["run"].unique()}
     done = points[points["status"] == "finished"]
     skipped = {run_id: rows["status"].iloc[0] for run_id, rows in points[points["status"] != "finished"].groupby("run")}
-    skipped |= {run_id: f"unreadable ({why})" for run_id, why in unreadable.items()}
     if done.empty:
         raise ValueError(f"no finished run with evaluations in {lab}"
                          + (f" for experiment {experiment!r}" if experiment else ""))
-    return LabPoints(runs, done, skipped)
+    return LabPoints(runs, done, skipped, unreadable)
 
 
 @dataclass

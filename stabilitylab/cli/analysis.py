@@ -82,8 +82,10 @@ def fit_lab(args: argparse.Namespace) -> int:
     from stabilitylab.analysis import fits, scaling
 
     points = fits.lab_points(args.lab, args.experiment)
-    for run_id, why in points.skipped.items():  # a status (only finished runs are fitted), or unreadable (...)
-        print(f"skipped {run_id}: {why}")
+    for run_id, why in points.unreadable.items():
+        print(f"skipped {run_id}: unreadable ({why})")
+    for run_id, status in points.skipped.items():
+        print(f"skipped {run_id}: {status} (only finished runs are fitted)")
     finished = sorted(set(points.done["run"]))
     unknown = sorted(set(args.holdout) - set(finished))
     if unknown:
@@ -274,7 +276,11 @@ def events(args: argparse.Namespace) -> int:
         if args.write and run.alive():
             print("  not written: a process is training it")
         elif args.write:
-            added = write_events(run, report)
+            try:
+                added = write_events(run, report)
+            except StoreError as err:  # e.g. a database that fails its integrity check
+                print(f"  not written: {err}")
+                continue
             print("  wrote " + ", ".join(f"{n} {kind}" for kind, n in added.items())
                   + " event(s) and the result 'events'")
     if len(reports) > 1:

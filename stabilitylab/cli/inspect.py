@@ -84,10 +84,12 @@ def add_compact(sub: argparse._SubParsersAction) -> None:
 
 
 def compact(args: argparse.Namespace) -> int:
-    from stabilitylab.store import compact_run, find_runs
+    """Compact a run or every run of a lab; a run that cannot be compacted (a live writer, a
+    damaged database) is named with the reason and the others go on."""
+    from stabilitylab.store import compact_lab
 
-    for run_dir in [r.path for r in find_runs(args.target)] or [args.target]:
-        print(f"{run_dir}: {compact_run(run_dir) / 2**20:.1f} MiB freed")
+    for run_dir, freed in compact_lab(args.target):
+        print(f"{run_dir}: {freed / 2**20:.1f} MiB freed" if isinstance(freed, int) else f"skipped {run_dir}: {freed}")
     return 0
 
 

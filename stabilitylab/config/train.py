@@ -15,6 +15,8 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("trapezoid", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 DIVERGENCE_ACTIONS = ("stop", "record")
+PARALLEL = ("ddp", "fsdp")
+PARAM_DTYPES = ("auto", "bfloat16", "float32")
 _MU_DEPTH = re.compile(r"(\d*)mu")  # "mu", "2mu": multiples of the model's mean_recurrence
 
 
@@ -46,6 +48,9 @@ class TrainConfig:
     seed: int = number(0, "[0, inf)")  # model init, batches, depths and initial states all follow from it
     device: str = "auto"  # auto = cuda if available, else cpu; bf16 autocast on cuda
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # several processes (torchrun): ddp (replicas) or fsdp (FSDP2: sharded weights and optimiser)
+    param_dtype: str = "auto"  # fsdp compute dtype (reduce in float32): auto = bfloat16 on cuda, float32 on cpu
+    activation_checkpointing: bool = False  # recompute each gradient iteration of the core in backward (less memory)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -54,6 +59,11 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("device", self.device, DEVICES)
+        check_choice("parallel", self.parallel, PARALLEL)
+        check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise ConfigError("optimizer", "muon needs whole matrices, and fsdp shards them",
+                              'Use optimizer = "adamw" with parallel = "fsdp", or parallel = "ddp" with muon')
         if len(self.betas) != 2:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}",
                               "The reference uses [0.8, 0.95]")
@@ -133,4 +143,4 @@ class DivergenceConfig:
 
 
 __all__ = ["TrainConfig", "ProbeConfig", "DivergenceConfig", "resolve_depth", "OPTIMIZERS", "SCHEDULES",
-           "DEVICES", "DIVERGENCE_ACTIONS"]
+           "DEVICES", "DIVERGENCE_ACTIONS", "PARALLEL", "PARAM_DTYPES"]

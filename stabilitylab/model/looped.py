@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from stabilitylab.config import ModelConfig
 from stabilitylab.model.blocks import Block, RMSNorm, rope_table, scaled_orthogonal_
@@ -116,6 +117,9 @@ class LoopedLM(nn.Module):
             self.injection = make_injection(cfg)
             self.readout = nn.Linear(cfg.state_dim, cfg.d_model, bias=False)  # C
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # recompute each gradient iteration in backward instead of keeping its activations: memory
+        # O(one iteration) + the k states instead of O(k iterations); set by train.activation_checkpointing
+        self.recompute_core = False
         for head_dim in {b.attn.head_dim for b in blocks}:
             self.register_buffer(f"rope_{head_dim}", rope_table(head_dim, cfg.block_size, cfg.rope_base),
                                  persistent=False)
@@ -259,8 +263,9 @@ class LoopedLM(nn.Module):
         Per-element depths gate the update: h ← where(t < nᵢ, F(h), h)."""
         for count, steps, grad in ((depth.n, depth.n_max, False), (depth.k, depth.k_max, True)):
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                recompute = self.recompute_core and torch.is_grad_enabled()
                 for t in range(steps):
-                    h_new = loop_fn(h)
+                    h_new = checkpoint(loop_fn, h, use_reentrant=False) if recompute else loop_fn(h)
                     if isinstance(count, Tensor):
                         active = (t < count).view(*count.shape, *[1] * (h.ndim - count.ndim))
                         h_new = torch.where(active, h_new, h)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -39,10 +40,12 @@ def state_path(weights: Path) -> Path:
     return weights.with_name(weights.name.removesuffix(".safetensors") + ".state.pt")
 
 
-def save_checkpoint(writer: RunWriter, step: int, model: LoopedLM, state: dict[str, Any]) -> None:
-    """Write and index the checkpoint of `step`: model weights and `state`."""
+def save_checkpoint(writer: RunWriter, step: int, model: LoopedLM | dict[str, Tensor], state: dict[str, Any]) -> None:
+    """Write and index the checkpoint of `step`: model weights (a model, or its full
+    state dict, distributed.full_state) and `state`."""
     weights = writer.checkpoint_path(step)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    full = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in full.items()}
     _atomic(weights, lambda tmp: save_file(tensors, tmp))
     _atomic(state_path(weights), lambda tmp: torch.save(state, tmp))
     writer.add_checkpoint(step, weights)

@@ -8,7 +8,7 @@ One step s = 1..S:
     depths = sample_depth(model, s, seed) for the global batch, this rank's rows
     h_0    = model.initial_state: for `truncnormal`, drawn for the global batch from a generator
              seeded by (seed, s); `zero` and `seeded` need no draw
-    loss   = mean over grad_accum micro-batches; backward; DDP all-reduces the gradients
+    loss   = mean over grad_accum micro-batches; backward; DDP all-reduces (FSDP reduce-scatters) ∇
     clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
     check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (divergence.py)
     step   = AdamW (and Muon) — unless the run diverged here
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from stabilitylab import records
 from stabilitylab.config import ConfigError
-from stabilitylab.data import prepare
+from stabilitylab.data import is_shards, prepare
 from stabilitylab.experiment import ExperimentConfig
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
 from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
@@ -92,10 +92,10 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
         raise ConfigError("train.batch_size", f"{B} does not split into {W} processes × {G} micro-batches",
                           "Choose batch_size divisible by nproc-per-node · grad_accum", source=source)
     corpus = _corpus(exp, source, process)
-    if corpus.tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.vocab_size} is smaller than the {exp.data.tokenizer} "
-                          f"tokenizer's {corpus.tokenizer.vocab_size} tokens",
-                          f"Set model.vocab_size ≥ {corpus.tokenizer.vocab_size}", source=source)
+    kind = "shards'" if is_shards(exp.data.source) else exp.data.tokenizer
+    if (corpus.vocab_size or 0) > cfg.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.vocab_size} is smaller than the {kind} tokenizer's "
+                          f"{corpus.vocab_size} tokens", f"Set model.vocab_size ≥ {corpus.vocab_size}", source=source)
     run_dir, checkpoint = lab / run_id, None
     if resume:
         run = Run(run_dir, run_id) if (run_dir / "run.db").is_file() else None
@@ -117,21 +117,25 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     # ---- model, optimiser, monitors; the newest checkpoint when resuming -----------------
     torch.manual_seed(tc.seed)
     model = LoopedLM(cfg).to(device)
-    optimizers = build_optimizers(model, tc)
-    roles = parameter_roles(model)
+    model.recompute_core = tc.activation_checkpointing
     monitor = DivergenceMonitor(exp.divergence)
     totals = {records.TOKENS: 0, records.FLOPS: 0.0, records.WALL_TIME: 0.0}
     start, rho = 0, math.nan
-    if checkpoint:
+    if checkpoint:  # full weights into the whole model, before any sharding
         start, weights, state_file = checkpoint
         state = load_checkpoint(model, weights, state_file, device)
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
+    # fsdp: rank 0 probes a plain copy of the full weights (refreshed before each probe)
+    probe_model = (LoopedLM.from_state_dict(cfg, {k: v.clone() for k, v in model.state_dict().items()}, device)
+                   if process.main and W > 1 and tc.parallel == "fsdp" else model)
+    ddp = distributed.wrap(model, process, tc.parallel, tc.param_dtype)  # fsdp shards `model` in place
+    optimizers = build_optimizers(model, tc)  # after sharding: FSDP's parameters are the shards
+    roles = parameter_roles(model)
+    if checkpoint:
+        distributed.load_optimizer_states(model, optimizers, state["optimizers"])
         monitor.load_state_dict(state["monitor"])
         totals, rho = state["totals"], state["rho"]
         torch.set_rng_state(state["rng"].cpu())
-
-    ddp = distributed.wrap(model, process)
+    sharded = distributed.is_sharded(model)
     forward = torch.compile(ddp) if tc.compile else ddp
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -139,7 +143,20 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    probes = Probes(exp.probes, model, corpus, seq_len, tc.seed, device, autocast) if process.main else None
+    probes = Probes(exp.probes, probe_model, corpus, seq_len, tc.seed, device, autocast) if process.main else None
+
+    def probe(step: int, force: bool = False) -> float | None:
+        """Run the probes due at `step` on rank 0 (under fsdp every rank first gathers the weights)."""
+        if sharded:
+            if not distributed.broadcast_flag(force or bool(probes and probes.due(step))):
+                return None
+            weights = distributed.full_state(model)
+            if probes:
+                probe_model.load_state_dict(weights)
+        elif not (probes and (force or probes.due(step))):
+            return None
+        return probes.run(step, probe_model, writer, force=force) if probes else None
+
     val_batches = corpus.val_batches(tc.eval_batches, B, seq_len, process.rank, W)
     eval_depths = tc.depths(cfg.mean_recurrence) if cfg.looped else [1]
     params = count_parameters(cfg)
@@ -169,10 +186,10 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
                                                           _take(depth, rank_rows), h0, G, autocast)
             loss, norm_mean = distributed.all_reduce(torch.stack([loss, norm_mean]), "mean")
             norm_max = distributed.all_reduce(norm_max, "max")
-            norms = grad_norms(roles, device)
+            norms = {role: distributed.full(norm) for role, norm in grad_norms(roles, device).items()}
             total = torch.nn.utils.get_total_norm(list(norms.values()))
             if tc.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, total)
+                distributed.clip_grads_(model.parameters(), tc.grad_clip, total)
             values = torch.stack([loss, norm_max, norm_mean, total, *norms.values()]).tolist()
             loss_v, norm_max_v, norm_mean_v, total_v = values[:4]
             verdict = monitor.check(step, loss_v, total_v, norm_max_v)
@@ -201,24 +218,25 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
                     writer.log_event(step, kind, detail)
 
             if verdict.stop:  # the run ends here; what it recorded stays, and so do its checkpoints
+                probe(step, force=True)
                 if writer:
-                    probes.run(step, model, writer, force=True)
                     writer.set_status("diverged", step, verdict.stop)
                 status = "diverged"
                 break
-            if probes and probes.due(step):
-                measured = probes.run(step, model, writer)
-                rho = rho if measured is None else measured
+            measured = probe(step)
+            rho = rho if measured is None else measured
             if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
                 result = evaluate(model, val_batches, eval_depths, tc.seed, B, process, autocast)
                 for depth_value, val_loss in result.items():
                     if writer:
                         writer.log_eval(step, depth_value, {records.VAL_LOSS: val_loss})
-            if writer and (step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
-                state = {"step": step, "optimizers": [opt.state_dict() for opt in optimizers],
-                         "rng": torch.get_rng_state(), "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
-                save_checkpoint(writer, step, model, state)
-                prune_checkpoints(writer, Run(run_dir, run_id), tc.keep_checkpoints)
+            if step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                weights, opt_states = distributed.full_state(model), distributed.full_optimizer_states(model, optimizers)
+                if writer:  # the one-process format, whatever the parallelism
+                    state = {"step": step, "optimizers": opt_states, "rng": torch.get_rng_state(),
+                             "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
+                    save_checkpoint(writer, step, weights, state)
+                    prune_checkpoints(writer, Run(run_dir, run_id), tc.keep_checkpoints)
             bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{B * seq_len / seconds:,.0f}", rho=f"{rho:.3f}",
                             refresh=False)  # update() redraws, at most every mininterval
             bar.update(1)
@@ -265,11 +283,16 @@ def _take(depth: Depth, rows: slice) -> Depth:
     return depth if depth.uniform else Depth(depth.n[rows], depth.k[rows])
 
 
+# how a run is spread over processes, not what it trains: a run may resume under another choice
+# (trained with FSDP on a cluster, resumed in one process, and back)
+EXECUTION_FIELDS = ("train.parallel", "train.param_dtype", "train.activation_checkpointing")
+
+
 def _check_same_config(run: Run, exp: ExperimentConfig) -> None:
-    """Refuse to resume a run with a config other than its own."""
+    """Refuse to resume a run with a config other than its own (EXECUTION_FIELDS may differ)."""
     stored, current = run.meta()["config"], exp.to_dict()
     differ = [key for key in sorted(set(_leaves(stored)) | set(_leaves(current)))
-              if _leaves(stored).get(key) != _leaves(current).get(key)]
+              if _leaves(stored).get(key) != _leaves(current).get(key) and key not in EXECUTION_FIELDS]
     if differ:
         raise ConfigError(", ".join(differ[:5]), "differs from the config the run was trained with",
                           f"Resume with the run's own settings (see {run.path / 'config.json'}), or train a "
