@@ -103,9 +103,15 @@ def build_experiment(raw: dict[str, Any], source: str | Path | None = None,
     try:
         return _build(raw, source)
     except ConfigError as err:
-        if err.field in {parse_set(item)[0] for item in sets}:
-            raise ConfigError(err.field, err.problem, err.fix, source="--set") from None
-        raise
+        raise blame_sets(err, sets) from None
+
+
+def blame_sets(err: ConfigError, sets: list[str] | tuple[str, ...]) -> ConfigError:
+    """`err` located at `--set` when its field's value came from one of `sets` (a rule checked
+    later, such as the trainer's vocabulary against the tokenizer, uses it too); else `err`."""
+    if err.field in {parse_set(item)[0] for item in sets}:
+        return ConfigError(err.field, err.problem, err.fix, source="--set")
+    return err
 
 
 def _build(raw: dict[str, Any], source: str | Path | None) -> ExperimentConfig:
@@ -220,4 +226,4 @@ def _format(value: Any) -> str:
 
 
 __all__ = ["ExperimentConfig", "SweepConfig", "Cell", "SECTIONS", "read_experiment", "parse_set",
-           "build_experiment", "load_experiment", "sweep_cells"]
+           "build_experiment", "blame_sets", "load_experiment", "sweep_cells"]

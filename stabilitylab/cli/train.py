@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from stabilitylab.cli.common import UsageError, add_lab, add_sets, check_counts, run_table
+from stabilitylab.config import ConfigError
 
 
 def add_data(sub: argparse._SubParsersAction) -> None:
@@ -95,7 +96,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def train(args: argparse.Namespace) -> int:
     """Train (or resume) one run and print its summary line; a diverged run is a result, so
     it exits 0 too."""
-    from stabilitylab.experiment import load_experiment
+    from stabilitylab.experiment import blame_sets, load_experiment
     from stabilitylab.store import open_run
     from stabilitylab.train.distributed import is_main_process
     from stabilitylab.train.trainer import train as train_run
@@ -106,8 +107,11 @@ def train(args: argparse.Namespace) -> int:
     if (exp.sweep.grid or exp.sweep.seeds) and is_main_process():
         print(f"note: train ignores [sweep]; `stabilitylab sweep {args.experiment}` runs its cells", file=sys.stderr)
     run_id = args.run_id or exp.name
-    train_run(exp, args.lab, run_id, resume=args.resume, checkpoint=args.checkpoint, source=args.experiment,
-              progress=args.progress)
+    try:
+        train_run(exp, args.lab, run_id, resume=args.resume, checkpoint=args.checkpoint, source=args.experiment,
+                  progress=args.progress)
+    except ConfigError as err:  # the trainer's own checks (vocabulary vs tokenizer) blame --set too
+        raise blame_sets(err, args.sets) from None
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     run = open_run(run_id, args.lab)
