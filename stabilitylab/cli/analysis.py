@@ -252,16 +252,24 @@ def add_events(sub: argparse._SubParsersAction) -> None:
                    help="warn when ‖h_T‖'s trend reaches the bound within this many steps (default %(default)g)")
     p.add_argument("--patience", type=int, default=defaults.patience,
                    help="measurements in a row a signal must hold for (default %(default)d)")
+    p.add_argument("--forecast-horizon", type=float, default=defaults.forecast_horizon,
+                   help="forecast: warn when a trend reaches 1 within this many steps (default %(default)g)")
+    p.add_argument("--forecast-start", type=int, default=defaults.forecast_start,
+                   help="forecast: no trend fires before this step (default %(default)d)")
+    p.add_argument("--score", action="store_true",
+                   help="score each warning over the runs: recall, precision, median and 10th-percentile "
+                        "lead in steps and tokens, false alarms per 1000 healthy steps")
     p.set_defaults(handler=events)
 
 
 def events(args: argparse.Namespace) -> int:
     """Analyse each run's history (analysis.events), print what it found, and with --write
     log it into each run that no process is training."""
-    from stabilitylab.analysis.events import WarningRules, analyse_run, warning_table, write_events
+    from stabilitylab.analysis.events import WarningRules, analyse_run, warning_scores, warning_table, write_events
     from stabilitylab.store import DB_NAME, StoreError, find_runs, open_run
 
-    rules = WarningRules(rho=args.rho, rate=args.rate, horizon=args.horizon, patience=args.patience)
+    rules = WarningRules(rho=args.rho, rate=args.rate, horizon=args.horizon, patience=args.patience,
+                         forecast_horizon=args.forecast_horizon, forecast_start=args.forecast_start)
     target = Path(args.target)
     lab_runs = not (target / DB_NAME).is_file() and target.is_dir() and find_runs(target)
     reports = []
@@ -283,9 +291,10 @@ def events(args: argparse.Namespace) -> int:
                 continue
             print("  wrote " + ", ".join(f"{n} {kind}" for kind, n in added.items())
                   + " event(s) and the result 'events'")
-    if len(reports) > 1:
+    if len(reports) > 1 or args.score:
+        table = warning_scores(reports) if args.score else warning_table(reports)
         print("\nwarnings over these runs (recall = early / diverged, precision = early / fired):")
-        print(warning_table(reports).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
