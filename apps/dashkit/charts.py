@@ -23,8 +23,14 @@ DISPLAY_POINTS = 600  # per curve on screen; exports are full resolution
 HEIGHT = 330
 
 
+SIDES = {"left": "#d62728", "right": "#1f77b4"}  # a pair's sides: unconstrained red, constrained blue
+
+
 def color(key: str) -> str:
-    """A run's (or seed group's) colour: the same on every page and in every session."""
+    """A run's (or seed group's) colour: the same on every page and in every session. The
+    keys "left" and "right" are the two sides of a pair, always red and blue."""
+    if key in SIDES:
+        return SIDES[key]
     digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
     return PALETTE[int.from_bytes(digest, "big") % len(PALETTE)]
 
@@ -226,3 +232,56 @@ def event_markers(key: str, facet: int, events: list[tuple[int, str, str]], x: n
     where the curve has no finite value are left out."""
     return [Marker(key, facet, float(xv), float(yv), kind, f"{key}<br>step {s}: {kind}<br>{detail}")
             for (s, kind, detail), xv, yv in zip(events, x, y) if np.isfinite(yv)]
+
+
+def side_by_side_figure(panels: list[tuple[str, bool, float | None]],
+                        lines: list[tuple[str, str, int, np.ndarray, np.ndarray]], *, x_title: str,
+                        height: int = 320) -> go.Figure:
+    """Several quantities in a row, each its own y axis: panels are (title, log y,
+    reference line); lines are (colour key, label, panel, x, y). One legend entry per label."""
+    n = len(panels)
+    layout = make_subplots(rows=1, cols=n, subplot_titles=[p[0] for p in panels],
+                           horizontal_spacing=0.06).layout.to_plotly_json()
+    data, seen = [], set()
+    for key, label, i, x, y in lines:
+        xa, ya = _axes(i)
+        x, y = _thin(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+        data.append({"type": "scatter", "mode": "lines", "x": x, "y": y, "name": label, "legendgroup": label,
+                     "showlegend": label not in seen, "xaxis": xa, "yaxis": ya,
+                     "line": {"color": color(key), "width": 2}})
+        seen.add(label)
+    shapes = []
+    for i, (_, log_y, hline) in enumerate(panels):
+        xa, ya = _axes(i)
+        suffix = i + 1 if i else ""
+        layout.setdefault(f"xaxis{suffix}", {}).update(title={"text": x_title})
+        layout.setdefault(f"yaxis{suffix}", {}).update(type="log" if log_y else "linear")
+        if hline is not None:
+            shapes.append({"type": "line", "xref": f"{xa} domain", "yref": ya, "x0": 0, "x1": 1, "y0": hline,
+                           "y1": hline, "line": {"color": "crimson", "dash": "dash"}})
+    return figure(data, {**layout, "height": height, "shapes": shapes, "showlegend": True,
+                         "legend": {"orientation": "h", "y": -0.3}, "margin": {"t": 40, "b": 60, "l": 60, "r": 20}})
+
+
+OUTCOME_COLORS = ("#2ca02c", "#ff9f1c", "#d62728")  # finished, spiked, diverged
+
+
+def outcome_figure(title: str, cells, rows: list[str], cols: list[str], row_title: str, col_title: str) -> go.Figure:
+    """A sweep's outcome map: one cell per grid point, coloured by its worst outcome
+    (green finished, orange spiked, red diverged), its text counting the seeds."""
+    z = np.full((len(rows), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in rows]
+    for c in cells.itertuples():
+        i, j = rows.index(c.row), cols.index(c.col)
+        z[i, j] = c.worst
+        parts = [f"{getattr(c, k)} {k}" for k in ("finished", "spiked", "diverged") if getattr(c, k)]
+        text[i][j] = "<br>".join(parts)
+    scale = [[0, OUTCOME_COLORS[0]], [0.33, OUTCOME_COLORS[0]], [0.34, OUTCOME_COLORS[1]], [0.66, OUTCOME_COLORS[1]],
+             [0.67, OUTCOME_COLORS[2]], [1, OUTCOME_COLORS[2]]]
+    data = [{"type": "heatmap", "x": cols, "y": rows, "z": z, "zmin": 0, "zmax": 2, "colorscale": scale,
+             "showscale": False, "text": text, "texttemplate": "%{text}", "textfont": {"size": 12},
+             "xgap": 3, "ygap": 3,
+             "hovertemplate": f"{row_title} %{{y}}<br>{col_title} %{{x}}<br>%{{text}}<extra></extra>"}]
+    return figure(data, {"title": {"text": title}, "height": max(220, 60 * len(rows) + 110),
+                         "xaxis": {"title": {"text": col_title}, "type": "category"},
+                         "yaxis": {"title": {"text": row_title}, "type": "category", "autorange": "reversed"}})

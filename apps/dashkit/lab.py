@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashkit import names
-from stabilitylab import store
+from dashkit import names, story
+from stabilitylab import records, store
 from stabilitylab.analysis import sweep
 
 REFERENCE_LAB = Path(__file__).resolve().parents[2] / "data" / "reference-lab"
@@ -39,9 +39,9 @@ def _runs_table(lab: str, token: tuple) -> pd.DataFrame:
     return table
 
 
-def runs_table(lab: str) -> pd.DataFrame | None:
-    """list_runs of the lab (readable and unreadable runs), or None if it does not exist."""
-    token = lab_token(lab)
+def runs_table(lab: str, token: tuple | None) -> pd.DataFrame | None:
+    """list_runs of the lab (readable and unreadable runs) at `token` (lab_token), or None
+    if it does not exist."""
     return None if token is None else _runs_table(lab, token)
 
 
@@ -110,3 +110,44 @@ def details(lab: str, run_id: str, token: tuple) -> dict:
     """meta (with the config), status history, results and checkpoints of one run."""
     r = run(lab, run_id)
     return {"meta": r.meta(), "status": r.status_history(), "results": r.results(), "checkpoints": r.checkpoints()}
+
+
+@st.cache_data(**CACHE)
+def extras(lab: str, run_id: str, token: tuple) -> dict:
+    """What the runs table lacks for a run's verdict: λ₁ (the largest Lyapunov exponent of
+    its last analysis probe) and its number of loss spikes."""
+    r = run(lab, run_id)
+    lyapunov = r.analysis(names.ANALYSIS["lyapunov"])
+    events = r.events()
+    return {"lambda1": float(lyapunov["values"].iloc[-1][0]) if len(lyapunov) else np.nan,
+            "spikes": int((events["kind"] == records.SPIKE).sum())}
+
+
+def extras_table(lab: str, runs: pd.DataFrame) -> pd.DataFrame:
+    """extras() of every run, indexed by run id (each run cached by its own token)."""
+    return pd.DataFrame([extras(lab, r, t) for r, t in zip(runs["run_id"], runs["token"])],
+                        index=pd.Index(runs["run_id"], name="run_id"))
+
+
+@st.cache_data(**CACHE)
+def first_pair(lab: str, token: tuple) -> tuple[str, str] | None:
+    """The lab's headline pair (story.first_pair): unconstrained, constrained."""
+    return story.first_pair(readable(_runs_table(lab, token)))
+
+
+@st.cache_data(**CACHE)
+def lab_story(lab: str, token: tuple) -> dict:
+    """The lab's story (dashkit.story), computed once per lab state: per experiment its
+    grid fields, matched pairs (each with its table of both sides and verdicts, and a
+    summary line) and outcome map; the headline pair; every run's extras."""
+    runs = readable(_runs_table(lab, token))
+    extra = extras_table(lab, runs)
+    experiments = list(dict.fromkeys(runs["experiment"].dropna()))
+    out = {"experiments": experiments, "first_pair": first_pair(lab, token), "extras": extra,
+           "grid": {}, "pairs": {}, "outcomes": {}}
+    for e in experiments:
+        out["grid"][e] = story.grid_fields(runs[runs["experiment"] == e])
+        out["pairs"][e] = [(f"{p.left_value} vs {p.right_value}", story.summary_line(runs, p),
+                            story.pair_table(runs, p, extra)) for p in story.matched_pairs(runs, e)]
+        out["outcomes"][e] = story.outcome_grid(runs, extra, e)
+    return out

@@ -57,3 +57,56 @@ def empty_lab(lab: str, exists: bool) -> None:
         "    w.log(step, {\"loss\": loss, \"h_T_norm\": h_norm})\n"
         "```\n\n"
         "Then type the lab's path in the sidebar.")
+
+
+def link(page: str, label: str, **params: str) -> None:
+    """A link to another page that opens it on a selection: apps/app_pages/<page>.py with
+    query parameters the page reads once (take_query)."""
+    st.page_link(f"app_pages/{page}.py", label=label, query_params=params or None)
+
+
+def take_query(keys: dict[str, str]) -> dict[str, str]:
+    """The query parameters a link brought (parameter -> value), for the given parameter ->
+    session key map: each value is put under its session key, then the URL is cleared, so
+    the widgets the page draws next start there and the user's own choices win afterwards."""
+    found = {p: st.query_params[p] for p in keys if p in st.query_params}
+    for p, value in found.items():
+        st.session_state[keys[p]] = value
+    if found:
+        st.query_params.clear()
+    return found
+
+
+PAIR = "pair"  # the two runs shown side by side on Loop dynamics, Spectra and Architecture
+
+
+def pair_picker(table: pd.DataFrame, page: str, default: tuple[str, str] | None) -> tuple[str, str]:
+    """Two runs, left and right, kept across the pages in st.session_state["pair"]. Starts
+    from (in this order) a link's `runs=a,b`, the pair last chosen, the selected runs (the
+    first two; one selected run goes left of the headline pair's other side), the lab's
+    headline pair (unconstrained left, constrained right), the first two runs."""
+    ids = table["run_id"].tolist()
+    take_query({"runs": PAIR})
+    pair = st.session_state.get(PAIR)
+    if isinstance(pair, str):
+        pair = tuple(pair.split(","))
+    chosen = [r for r in session.selected() if r in ids]
+    picked = tuple(chosen[:2]) if len(chosen) >= 2 else \
+        (chosen[0], next(r for r in (*(default or ()), *ids) if r != chosen[0])) if chosen and len(ids) > 1 else None
+    for candidate in (pair, picked, default, tuple(ids[:2])):
+        if candidate and len(candidate) == 2 and all(r in ids for r in candidate):
+            pair = tuple(candidate)
+            break
+    else:
+        pair = (ids[0], ids[0])
+    st.session_state[PAIR] = pair
+    for side, run_id in zip(("left", "right"), pair):
+        st.session_state[f"{page}_{side}"] = run_id
+
+    def remember():
+        st.session_state[PAIR] = (st.session_state[f"{page}_left"], st.session_state[f"{page}_right"])
+
+    c = st.columns(2)
+    left = c[0].selectbox("Left run", ids, key=f"{page}_left", on_change=remember)
+    right = c[1].selectbox("Right run", ids, key=f"{page}_right", on_change=remember)
+    return left, right
