@@ -152,22 +152,50 @@ def panel_figure(panel: Panel) -> go.Figure:
                          "legend": {"orientation": "h", "y": -0.25}, "hovermode": "closest"})
 
 
-def lines_figure(title: str, lines: list[tuple[str, str, np.ndarray, np.ndarray]], *, x_title: str,
-                 y_title: str = "", log_y: bool = False, hline: float | None = None, dash_key: str | None = None,
-                 mode: str = "lines") -> go.Figure:
-    """A few plain lines: (colour key, label, x, y) each; `dash_key` draws that key's lines dashed."""
-    data = [{"type": "scatter", "mode": mode, "x": x, "y": y, "name": label, "legendgroup": key,
-             "line": {"color": color(key), "width": 2, "dash": "dash" if key == dash_key else "solid"}}
-            for key, label, x, y in lines]
+def lines_figure(title: str, lines: list[tuple], *, x_title: str, y_title: str = "", log_y: bool = False,
+                 hline: float | None = None, dash_key: str | None = None, mode: str = "lines",
+                 y_range: tuple[float, float] | None = None) -> go.Figure:
+    """A few plain lines: (colour key, label, x, y[, dash]) each; `dash_key` draws that key's
+    lines dashed; `y_range` pins the y axis (shared between side-by-side charts; log10
+    units on a log axis)."""
+    data = [{"type": "scatter", "mode": mode, "x": line[2], "y": line[3], "name": line[1], "legendgroup": line[0],
+             "line": {"color": color(line[0]), "width": 2,
+                      "dash": line[4] if len(line) > 4 else "dash" if line[0] == dash_key else "solid"}}
+            for line in lines]
     shapes = [] if hline is None else [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": hline,
                                          "y1": hline, "line": {"color": "crimson", "dash": "dash"}}]
     return figure(data, {"title": {"text": title}, "shapes": shapes, "xaxis": {"title": {"text": x_title}},
-                         "yaxis": {"title": {"text": y_title}, "type": "log" if log_y else "linear"}})
+                         "yaxis": {"title": {"text": y_title}, "type": "log" if log_y else "linear",
+                                   **({"range": list(y_range)} if y_range else {})}})
+
+
+def shared_range(arrays: list[np.ndarray], log: bool, pad: float = 0.05) -> tuple[float, float] | None:
+    """A y range that holds every finite value of the arrays (in log10 units when `log`), padded."""
+    lo_hi = color_range(arrays, log)
+    if lo_hi is None:
+        return None
+    lo, hi = lo_hi
+    margin = (hi - lo) * pad or abs(hi) * pad or 1.0
+    return lo - margin, hi + margin
+
+
+def color_range(arrays: list[np.ndarray], log: bool) -> tuple[float, float] | None:
+    """One colour scale for several heatmaps: the finite (log10 when `log`) min and max of all."""
+    parts = []
+    for a in arrays:
+        a = np.asarray(a, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = np.log10(np.where(a > 0, a, np.nan)) if log else a
+        parts.append(a[np.isfinite(a)])
+    both = np.concatenate(parts) if parts else np.empty(0)
+    return (float(both.min()), float(both.max())) if both.size else None
 
 
 def heatmap_figure(title: str, steps: np.ndarray, values: np.ndarray, *, log_color: bool,
-                   columns: int = 400) -> go.Figure:
-    """values[i, t] over training step (x) × loop iteration t + 1 (y); at most `columns` steps shown."""
+                   columns: int = 400, zrange: tuple[float, float] | None = None,
+                   subtitle: str = "") -> go.Figure:
+    """values[i, t] over training step (x) × loop iteration t + 1 (y); at most `columns` steps
+    shown; `zrange` pins the colour scale (shared between side-by-side heatmaps)."""
     keep = np.unique(np.linspace(0, len(steps) - 1, min(columns, len(steps))).astype(int)) if len(steps) else []
     z = values[keep].T
     label = title
@@ -177,15 +205,18 @@ def heatmap_figure(title: str, steps: np.ndarray, values: np.ndarray, *, log_col
         label = f"log10 {title}"
     data = [{"type": "heatmap", "x": np.asarray(steps)[keep], "y": np.arange(1, values.shape[1] + 1), "z": z,
              "colorscale": "Viridis", "colorbar": {"title": {"text": label}},
+             **({"zmin": zrange[0], "zmax": zrange[1]} if zrange else {}),
              "hovertemplate": "step %{x}<br>iteration %{y}<br>%{z:.4g}<extra></extra>"}]
-    return figure(data, {"title": {"text": f"{title} over training step × loop iteration"},
+    return figure(data, {"title": {"text": subtitle or f"{title} over training step × loop iteration"},
                          "xaxis": {"title": {"text": "training step"}},
                          "yaxis": {"title": {"text": "loop iteration t"}, "dtick": 1}})
 
 
-def eigen_figure(eigenvalues: np.ndarray, step: int, frames: list[tuple[int, np.ndarray]] | None = None) -> go.Figure:
+def eigen_figure(eigenvalues: np.ndarray, step: int, frames: list[tuple[int, np.ndarray]] | None = None,
+                 reach: float | None = None, title: str = "") -> go.Figure:
     """Eigenvalues of Ā in the complex plane with the unit circle; |λ| ≥ 1 in red. With
-    `frames` (step, eigenvalues), a play button animates them over training."""
+    `frames` (step, eigenvalues), a play button animates them over training. `reach` pins
+    the axes to ±reach (shared between side-by-side plots)."""
 
     def points(eig: np.ndarray) -> dict:
         outside = np.abs(eig) >= 1
@@ -196,9 +227,9 @@ def eigen_figure(eigenvalues: np.ndarray, step: int, frames: list[tuple[int, np.
     theta = np.linspace(0, 2 * np.pi, 361)
     circle = {"type": "scatter", "mode": "lines", "x": np.cos(theta), "y": np.sin(theta), "name": "|λ| = 1",
               "line": {"color": "gray", "dash": "dash"}, "hoverinfo": "skip"}
-    reach = max(1.1, float(np.abs(eigenvalues).max(initial=0)) * 1.1,
-                *(float(np.abs(e).max(initial=0)) * 1.1 for _, e in frames or ()))
-    layout = {"title": {"text": f"eigenvalues of Ā at step {step}"}, "height": 480,
+    reach = reach or max(1.1, float(np.abs(eigenvalues).max(initial=0)) * 1.1,
+                         *(float(np.abs(e).max(initial=0)) * 1.1 for _, e in frames or ()))
+    layout = {"title": {"text": title or f"eigenvalues of Ā at step {step}"}, "height": 480,
               "xaxis": {"title": {"text": "Re λ"}, "range": [-reach, reach]},
               "yaxis": {"title": {"text": "Im λ"}, "range": [-reach, reach], "scaleanchor": "x", "scaleratio": 1}}
     fig = figure([circle, points(eigenvalues)], layout)
@@ -217,12 +248,15 @@ def eigen_figure(eigenvalues: np.ndarray, step: int, frames: list[tuple[int, np.
     return fig
 
 
-def histogram_figure(title: str, values: np.ndarray, *, x_title: str, vline: float | None = None) -> go.Figure:
+def histogram_figure(title: str, values: np.ndarray, *, x_title: str, vline: float | None = None,
+                     x_range: tuple[float, float] | None = None, key: str | None = None) -> go.Figure:
     finite = values[np.isfinite(values)]
     shapes = [] if vline is None else [{"type": "line", "yref": "y domain", "x0": vline, "x1": vline, "y0": 0,
                                         "y1": 1, "line": {"color": "crimson", "dash": "dash"}}]
-    return figure([{"type": "histogram", "x": finite, "nbinsx": 40, "marker": {"color": "royalblue"}}],
-                  {"title": {"text": title}, "shapes": shapes, "xaxis": {"title": {"text": x_title}},
+    return figure([{"type": "histogram", "x": finite, "nbinsx": 40,
+                    "marker": {"color": color(key) if key else "royalblue"}}],
+                  {"title": {"text": title}, "shapes": shapes,
+                   "xaxis": {"title": {"text": x_title}, **({"range": list(x_range)} if x_range else {})},
                    "yaxis": {"title": {"text": "count"}}, "bargap": 0.05})
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashkit import names, story
+from dashkit import fits, names, story
 from stabilitylab import records, store
 from stabilitylab.analysis import sweep
 
@@ -151,3 +151,9 @@ def lab_story(lab: str, token: tuple) -> dict:
                             story.pair_table(runs, p, extra)) for p in story.matched_pairs(runs, e)]
         out["outcomes"][e] = story.outcome_grid(runs, extra, e)
     return out
+
+
+@st.cache_data(**CACHE)
+def fittable(lab: str, token: tuple, law: str) -> pd.DataFrame:
+    """fits.fittable over the lab's readable runs, once per lab state and law."""
+    return fits.fittable(readable(_runs_table(lab, token)), law)
