@@ -7,7 +7,10 @@ every figure with validation on, so a typo here still fails loudly.
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,9 +43,45 @@ def faded(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def packed(values: np.ndarray) -> dict:
+    """A numeric array as plotly.js's typed-array spec (base64 float64). Plotly would make
+    the same from numpy itself, but at ~1 ms an array; a Compare page sends over a thousand."""
+    a = np.ascontiguousarray(values, dtype="<f8")
+    spec = {"dtype": "f8", "bdata": base64.b64encode(a.tobytes()).decode()}
+    if a.ndim > 1:
+        spec["shape"] = ", ".join(map(str, a.shape))
+    return spec
+
+
+def figure_dict(data: list[dict], layout: dict) -> dict:
+    """A figure as the plain dict st.plotly_chart sends as it is: numeric arrays packed (see
+    packed), no plotly objects built (go.Figure deep-copies and walks every trace twice,
+    ~1 s for a Compare panel of a few hundred traces)."""
+    for trace in data:
+        for key in ("x", "y", "z"):
+            value = trace.get(key)
+            if isinstance(value, np.ndarray) and value.dtype.kind in "fiub" and value.size:
+                trace[key] = packed(value)
+    return {"data": data, "layout": {"height": HEIGHT, "margin": {"t": 40, "b": 40, "l": 60, "r": 20}, **layout}}
+
+
 def figure(data: list[dict], layout: dict) -> go.Figure:
-    return go.Figure(data=data, layout={"height": HEIGHT, "margin": {"t": 40, "b": 40, "l": 60, "r": 20},
-                                        **layout}, _validate=False)
+    """figure_dict as a go.Figure, for pages that add traces to it (without validation)."""
+    fig = figure_dict(data, layout)
+    return go.Figure(data=fig["data"], layout=fig["layout"], _validate=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _subplots(cols: int, titles: tuple[str, ...] | None, shared_y: bool, spacing: float) -> str:
+    """make_subplots' layout as JSON (make_subplots validates as it builds: ~0.1 s a call)."""
+    return json.dumps(make_subplots(rows=1, cols=cols, shared_yaxes=shared_y, subplot_titles=titles,
+                                    horizontal_spacing=spacing).layout.to_plotly_json())
+
+
+def subplots_layout(cols: int, titles: list[str] | None = None, shared_y: bool = False,
+                    spacing: float = 0.03) -> dict:
+    """A fresh layout dict of one row of `cols` subplots."""
+    return json.loads(_subplots(cols, tuple(titles) if titles else None, shared_y, spacing))
 
 
 def _thin(x: np.ndarray, y: np.ndarray, points: int = DISPLAY_POINTS) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +101,7 @@ class Curve:
     smooth: np.ndarray
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
+    members: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # a group's runs, drawn faint
 
 
 @dataclass
@@ -85,6 +125,8 @@ class Panel:
     log_y: bool = False
     hline: float | None = None  # e.g. ρ = 1
     smoothed: bool = False  # draw each raw curve faint behind its smoothed one
+    height: int = HEIGHT
+    legend_right: bool = False  # a vertical legend beside the panel (many groups), else below
     curves: list[Curve] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
     vlines: list[tuple[str, int, float]] = field(default_factory=list)  # (key, facet, x): a divergence
@@ -94,30 +136,39 @@ def _axes(facet: int) -> tuple[str, str]:
     return ("x", "y") if facet == 0 else (f"x{facet + 1}", f"y{facet + 1}")
 
 
-def panel_figure(panel: Panel) -> go.Figure:
+def panel_figure(panel: Panel) -> dict:
     """Curves side by side, one column per facet, sharing the y axis: the smoothed curve
     bold over the raw one (faint), seed bands filled, events as markers, divergences as
     dotted vertical lines, and an optional horizontal reference line."""
     n = max(len(panel.facets), 1)
-    layout = make_subplots(rows=1, cols=n, shared_yaxes=True, subplot_titles=panel.facets if n > 1 else None,
-                           horizontal_spacing=0.03).layout.to_plotly_json()
+    layout = subplots_layout(n, panel.facets if n > 1 else None, shared_y=True)
     data: list[dict] = []
+    shown: set[str] = set()  # one legend entry per key, whatever facets it appears in
     for c in panel.curves:
         xa, ya = _axes(c.facet)
         rgb = color(c.key)
         common = {"type": "scatter", "mode": "lines", "xaxis": xa, "yaxis": ya, "legendgroup": c.key}
-        if c.lower is not None:
+        if c.members:  # all of a group's runs in one faint trace, NaN between runs (one trace, not N)
+            parts = [_thin(mx, my) for mx, my in c.members]
+            gap = np.array([np.nan])
+            x = np.concatenate([p for px, _ in parts for p in (px, gap)])
+            y = np.concatenate([p for _, py in parts for p in (py, gap)])
+            data.append({**common, "x": x, "y": y, "name": c.label, "showlegend": False, "hoverinfo": "skip",
+                         "connectgaps": False, "line": {"width": 1, "color": faded(rgb, 0.3)}})
+        if c.lower is not None:  # the band as one closed polygon: upper forward, lower back
             x, lo = _thin(c.x, c.lower)
             x2, hi = _thin(c.x, c.upper)
-            data.append({**common, "x": x2, "y": hi, "line": {"width": 0}, "showlegend": False, "hoverinfo": "skip"})
-            data.append({**common, "x": x, "y": lo, "line": {"width": 0}, "fill": "tonexty",
-                         "fillcolor": faded(rgb, 0.2), "showlegend": False, "hoverinfo": "skip"})
-        elif panel.smoothed:
+            data.append({**common, "x": np.concatenate([x2, x[::-1]]), "y": np.concatenate([hi, lo[::-1]]),
+                         "fill": "toself", "fillcolor": faded(rgb, 0.2), "line": {"width": 0},
+                         "showlegend": False, "hoverinfo": "skip"})
+        elif panel.smoothed and not c.members:
             x, y = _thin(c.x, c.raw)
             data.append({**common, "x": x, "y": y, "name": c.label, "showlegend": False,
                          "line": {"width": 1, "color": faded(rgb, 0.35)}, "hoverinfo": "skip"})
         x, y = _thin(c.x, c.smooth)
-        data.append({**common, "x": x, "y": y, "name": c.label, "line": {"width": 2, "color": rgb}})
+        data.append({**common, "x": x, "y": y, "name": c.label, "line": {"width": 2, "color": rgb},
+                     "showlegend": c.key not in shown})
+        shown.add(c.key)
     seen: set[str] = set()
     for kind in dict.fromkeys(m.kind for m in panel.markers):
         label, symbol = names.EVENTS.get(kind, names.OTHER_EVENT)
@@ -148,8 +199,10 @@ def panel_figure(panel: Panel) -> go.Figure:
             type="log" if panel.log_x else "linear", title={"text": panel.x_title})
         layout.setdefault(f"yaxis{facet + 1 if facet else ''}", {}).update(type="log" if panel.log_y else "linear")
     layout["yaxis"]["title"] = {"text": panel.title}
-    return figure(data, {**layout, "shapes": shapes, "title": {"text": panel.title},
-                         "legend": {"orientation": "h", "y": -0.25}, "hovermode": "closest"})
+    legend = {"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 11}} if panel.legend_right \
+        else {"orientation": "h", "y": -0.25}
+    return figure_dict(data, {**layout, "shapes": shapes, "title": {"text": panel.title}, "height": panel.height,
+                         "legend": legend, "hovermode": "closest"})
 
 
 def lines_figure(title: str, lines: list[tuple], *, x_title: str, y_title: str = "", log_y: bool = False,
@@ -270,12 +323,11 @@ def event_markers(key: str, facet: int, events: list[tuple[int, str, str]], x: n
 
 def side_by_side_figure(panels: list[tuple[str, bool, float | None]],
                         lines: list[tuple[str, str, int, np.ndarray, np.ndarray]], *, x_title: str,
-                        height: int = 320) -> go.Figure:
+                        height: int = 320) -> dict:
     """Several quantities in a row, each its own y axis: panels are (title, log y,
     reference line); lines are (colour key, label, panel, x, y). One legend entry per label."""
     n = len(panels)
-    layout = make_subplots(rows=1, cols=n, subplot_titles=[p[0] for p in panels],
-                           horizontal_spacing=0.06).layout.to_plotly_json()
+    layout = subplots_layout(n, [p[0] for p in panels], spacing=0.06)
     data, seen = [], set()
     for key, label, i, x, y in lines:
         xa, ya = _axes(i)
@@ -293,7 +345,7 @@ def side_by_side_figure(panels: list[tuple[str, bool, float | None]],
         if hline is not None:
             shapes.append({"type": "line", "xref": f"{xa} domain", "yref": ya, "x0": 0, "x1": 1, "y0": hline,
                            "y1": hline, "line": {"color": "crimson", "dash": "dash"}})
-    return figure(data, {**layout, "height": height, "shapes": shapes, "showlegend": True,
+    return figure_dict(data, {**layout, "height": height, "shapes": shapes, "showlegend": True,
                          "legend": {"orientation": "h", "y": -0.3}, "margin": {"t": 40, "b": 60, "l": 60, "r": 20}})
 
 
@@ -319,3 +371,14 @@ def outcome_figure(title: str, cells, rows: list[str], cols: list[str], row_titl
     return figure(data, {"title": {"text": title}, "height": max(220, 60 * len(rows) + 110),
                          "xaxis": {"title": {"text": col_title}, "type": "category"},
                          "yaxis": {"title": {"text": row_title}, "type": "category", "autorange": "reversed"}})
+
+
+def parallel_figure(title: str, dimensions: list[dict], color_values: np.ndarray, color_title: str) -> go.Figure:
+    """A sweep as parallel coordinates: one line per run through its grid values and
+    outcomes; `dimensions` are plotly parcoords dimensions (label, values[, tickvals, ticktext])."""
+    finite = color_values[np.isfinite(color_values)]
+    data = [{"type": "parcoords", "dimensions": dimensions,
+             "line": {"color": np.where(np.isfinite(color_values), color_values, np.nan), "colorscale": "Viridis",
+                      "showscale": True, "colorbar": {"title": {"text": color_title}},
+                      **({"cmin": float(finite.min()), "cmax": float(finite.max())} if finite.size else {})}}]
+    return figure(data, {"title": {"text": title}, "height": 420, "margin": {"t": 80, "b": 40, "l": 80, "r": 40}})

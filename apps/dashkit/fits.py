@@ -57,7 +57,8 @@ def fittable(runs: pd.DataFrame, law: str) -> pd.DataFrame:
     rows = []
     for experiment, members in runs.groupby("experiment", sort=False):
         done = members[members["status"] == "finished"]  # as `stabilitylab fit --lab` fits them
-        depths = [len(_depths(r)) for r in done.to_dict("records")]
+        known = "config.train.eval_depths" in done and done["config.train.eval_depths"].notna().any()
+        depths = [len(_depths(r)) for r in done.to_dict("records")] if known else []
         n_T = max(depths, default=0)
         n_N = done[[f"config.{f}" for f in SIZE_FIELDS if f"config.{f}" in done]].astype(str).drop_duplicates()
         n_D = done[[f"config.{f}" for f in DATA_FIELDS if f"config.{f}" in done]].astype(str).drop_duplicates()
@@ -66,17 +67,22 @@ def fittable(runs: pd.DataFrame, law: str) -> pd.DataFrame:
         if done.empty:
             why.append("no finished run")
         depth_need = need if spec.inputs == ("T",) else 2  # L(T) per run; the others across runs
-        if "T" in spec.inputs and n_T < depth_need:
+        if "T" in spec.inputs and known and n_T < depth_need:
             why.append(f"{n_T} test depths per run (needs ≥ {depth_need})")
         if "N" in spec.inputs and len(n_N) < 2:
             why.append("one model size (N does not vary)")
         if "D" in spec.inputs and len(n_D) < 2:
             why.append("one training length (D does not vary)")
-        points = n_T if spec.inputs == ("T",) else len(done) * (sum(depths) / max(len(depths), 1) if "T" in spec.inputs else 1)
-        if spec.inputs != ("T",) and points < need:
+        if not known:  # the configs do not say which depths: count runs, let the fit tell
+            points = len(done)
+        elif spec.inputs == ("T",):
+            points = n_T
+        else:
+            points = len(done) * (sum(depths) / len(depths) if "T" in spec.inputs and depths else 1)
+        if spec.inputs != ("T",) and known and points < need:
             why.append(f"{int(points)} points for {len(spec.params)} parameters")
-        rows.append({"experiment": experiment, "ok": not why, "score": points,
-                     "finished runs": len(done), "test depths": n_T, "why not": "; ".join(why)})
+        rows.append({"experiment": experiment, "ok": not why, "score": points, "finished runs": len(done),
+                     "test depths": n_T if known else None, "why not": "; ".join(why)})
     return pd.DataFrame(rows, columns=["experiment", "ok", "score", "finished runs", "test depths", "why not"])
 
 
