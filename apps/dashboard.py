@@ -29,7 +29,7 @@ def lab_argument() -> str:
     return parser.parse_known_args(sys.argv[1:])[0].lab
 
 
-def watch(lab: str, token: tuple) -> None:
+def watch(lab: str, token: str) -> None:
     """Rerun the app when the lab has changed since this page was drawn (a run grew)."""
     if labdata.lab_token(lab) != token:
         st.rerun()

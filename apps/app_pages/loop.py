@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashkit import charts, fits, names, session, widgets
+from dashkit import charts, names, session, widgets
 from dashkit import lab as labdata
 
 SIDES = ("left", "right")
@@ -23,6 +23,8 @@ def fit_depth_law(column, fig, law: str, spec, T: np.ndarray, L: np.ndarray, key
     if len(T) < len(spec.params) or not np.all(L > 0):
         column.caption(f"{side}: {len(T)} depths, too few to fit {spec.formula}")
         return
+    from dashkit import fits  # scipy (~1.5 s to import) only once the heatmaps are on screen
+
     result = fits.fit(law, pd.DataFrame({"T": T, "L": L}), bootstrap=0)
     grid = np.linspace(T.min(), 1.5 * T.max(), 200)
     fig.add_scatter(x=grid, y=result.predict(T=grid), mode="lines", name=f"{side}: {spec.formula}",
@@ -86,6 +88,8 @@ vals = [e[e["metric"] == names.VAL_LOSS] for e in evals]
 if all(v.empty for v in vals):
     st.info(f"Neither run recorded `{names.VAL_LOSS}` evaluations at test depths.")
 else:
+    from dashkit import fits  # scipy (~1.5 s to import) only once the heatmaps are on screen
+
     law = st.selectbox("law", [k for k, v in fits.LAWS.items() if v.inputs == ("T",)], key="loop_law")
     fig = charts.lines_figure("validation loss vs test-time depth (last evaluation)", [],
                               x_title="test-time depth T", y_title=names.VAL_LOSS)

@@ -15,7 +15,7 @@ def lab() -> str:
     return st.session_state[LAB]
 
 
-def lab_token() -> tuple:
+def lab_token() -> str:
     """The lab's token as the entry script read it for this run of the app (one directory
     walk per rerun, not one per page element)."""
     return st.session_state[TOKEN]
