@@ -19,12 +19,10 @@ def nearest(steps: np.ndarray, step: int) -> int:
 
 
 def fit_depth_law(column, fig, law: str, spec, T: np.ndarray, L: np.ndarray, key: str, side: str) -> None:
-    """Draw the fitted law L(T) on `fig` (extrapolated to 1.5 × the deepest T) and its parameters."""
+    """(Uses `fits`, imported below once the heatmaps are drawn.) Draw the fitted law L(T) on `fig` (extrapolated to 1.5 × the deepest T) and its parameters."""
     if len(T) < len(spec.params) or not np.all(L > 0):
         column.caption(f"{side}: {len(T)} depths, too few to fit {spec.formula}")
         return
-    from dashkit import fits  # scipy (~1.5 s to import) only once the heatmaps are on screen
-
     result = fits.fit(law, pd.DataFrame({"T": T, "L": L}), bootstrap=0)
     grid = np.linspace(T.min(), 1.5 * T.max(), 200)
     fig.add_scatter(x=grid, y=result.predict(T=grid), mode="lines", name=f"{side}: {spec.formula}",
