@@ -34,6 +34,13 @@ def test_pairs_match_every_field_but_the_injection_seed_included():
     assert story.grid_fields(runs) == [INJ, LR]  # in the sweep cell's order, the seed left out
 
 
+def test_a_seed_outside_the_config_still_tells_runs_apart():
+    runs = table([{"run_id": f"{inj}{s}", "inj": inj, "lr": 0.01, "seed": s} for inj in ("concat", "parcae")
+                  for s in (0, 1)]).drop(columns=SEED)
+    (pairs,) = story.matched_pairs(runs, "grid")
+    assert pairs.frame.values.tolist() == [["seed=0", "concat0", "parcae0"], ["seed=1", "concat1", "parcae1"]]
+
+
 def test_every_unconstrained_injection_is_paired_with_every_constrained_one():
     rows = [{"inj": inj, "lr": 0.01, "seed": 0} for inj in ("add", "concat", "parcae", "parcae-zoh")]
     pairs = story.matched_pairs(table(rows), "grid")

@@ -24,6 +24,7 @@ PANELS = [  # title, source ("scalar" or "spectra"), name, log y by default, ref
 X_AXES = {"step": None, "tokens": names.SCALARS["tokens"], "FLOPs": names.SCALARS["flops"]}
 HALF_LIVES = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 BANDS = {"mean ± std": "std", "min–max": "range", "runs only": None}
+DASHES = ("solid", "dot", "dash", "longdash", "dashdot", "longdashdot")
 CONSTRAINT = "unconstrained | constrained"
 PANEL_HEIGHT = 440
 INJECTION = names.config_column("injection")
@@ -105,6 +106,13 @@ records_ = rows[group_by].to_dict("index") if group_by else {}
 group_key = {r: story.label(records_[r], group_by) if group_by else r for r in rows.index}
 sizes = pd.Series(group_key).value_counts()
 group_label = {g: f"{g} (N={n})" for g, n in sizes.items()}
+# several grouping fields: colour by the first (the injection), dash by the others (the LR)
+style = {}
+if len(group_by) > 1:
+    firsts = {r: story.label(records_[r], group_by[:1]) for r in rows.index}
+    rests = {r: story.label(records_[r], group_by[1:]) for r in rows.index}
+    order = sorted(set(rests.values()), key=lambda v: [story._sortable(p) for p in v.split(", ")])
+    style = {group_key[r]: (firsts[r], DASHES[order.index(rests[r]) % len(DASHES)]) for r in rows.index}
 
 wanted = tuple(sorted({p[2] for p in panels if p[1] == "scalar"} | ({X_AXES[axis]} - {None})))
 read = labdata.bundle(lab, keys, wanted)
@@ -150,6 +158,13 @@ if missing_x:
     st.warning(f"{len(missing_x)} runs did not record `{X_AXES[axis]}`; they are left out. Use x axis = step.")
 
 spread = BANDS[band]
+
+
+def style_of(key: str) -> dict:
+    color_key, dash = style.get(key, (None, "solid"))
+    return {"color_key": color_key, "dash": dash}
+
+
 for title, source, name, _, hline in panels:
     panel = charts.Panel(title, facets, axis, log_x=log_x, log_y=title in log_y, hline=hline,
                          smoothed=halflife > 0, height=PANEL_HEIGHT, legend_right=True)
@@ -174,12 +189,13 @@ for title, source, name, _, hline in panels:
         if len(members) == 1 or spread is None:
             for r, steps, x, raw, smooth in members:
                 label = group_label[key] if len(members) == 1 else f"{group_label[key]}: {r}"
-                panel.curves.append(charts.Curve(key, label, facet, x, raw, smooth))
+                panel.curves.append(charts.Curve(key, label, facet, x, raw, smooth, **style_of(key)))
             continue
         steps, mean, lower, upper = seed_band([(s, v) for _, s, _, _, v in members], spread)
         x = to_x(members[0][0], steps)
         faint = [(mx, mv) for _, _, mx, _, mv in members] if members_shown else []
-        panel.curves.append(charts.Curve(key, group_label[key], facet, x, mean, mean, lower, upper, faint))
+        panel.curves.append(charts.Curve(key, group_label[key], facet, x, mean, mean, lower, upper, faint,
+                                         **style_of(key)))
     if not exports:
         st.caption(f"{title}: not recorded by these runs.")
         continue

@@ -102,6 +102,8 @@ class Curve:
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
     members: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # a group's runs, drawn faint
+    color_key: str | None = None  # colour by this key instead (e.g. the injection of a group)
+    dash: str = "solid"  # and tell the groups of one colour apart by dash (e.g. their LR)
 
 
 @dataclass
@@ -146,7 +148,7 @@ def panel_figure(panel: Panel) -> dict:
     shown: set[str] = set()  # one legend entry per key, whatever facets it appears in
     for c in panel.curves:
         xa, ya = _axes(c.facet)
-        rgb = color(c.key)
+        rgb = color(c.color_key or c.key)
         common = {"type": "scatter", "mode": "lines", "xaxis": xa, "yaxis": ya, "legendgroup": c.key}
         if c.members:  # all of a group's runs in one faint trace, NaN between runs (one trace, not N)
             parts = [_thin(mx, my) for mx, my in c.members]
@@ -166,7 +168,7 @@ def panel_figure(panel: Panel) -> dict:
             data.append({**common, "x": x, "y": y, "name": c.label, "showlegend": False,
                          "line": {"width": 1, "color": faded(rgb, 0.35)}, "hoverinfo": "skip"})
         x, y = _thin(c.x, c.smooth)
-        data.append({**common, "x": x, "y": y, "name": c.label, "line": {"width": 2, "color": rgb},
+        data.append({**common, "x": x, "y": y, "name": c.label, "line": {"width": 2, "color": rgb, "dash": c.dash},
                      "showlegend": c.key not in shown})
         shown.add(c.key)
     seen: set[str] = set()

@@ -127,6 +127,8 @@ def matched_pairs(runs: pd.DataFrame, experiment: str) -> list[Pairs]:
     else:
         combos = list(zip(values, values[1:]))
     rest = [c for c in varying(members, seeds=True) if c != field]
+    if "seed" in members and not any(map(is_seed, rest)) and members["seed"].map(_key).nunique() > 1:
+        rest.append("seed")  # a seed given to the run but not in its config still tells the runs apart
     text = keyed(members, [field, *rest]).set_axis(members["run_id"].to_numpy())
     keys = pd.Series(["|".join(row) for row in text[rest].to_numpy()], index=text.index)
     shown = [c for c in rest if c in fields or is_seed(c)]
