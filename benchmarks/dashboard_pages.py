@@ -40,7 +40,7 @@ def measure(lab: Path, pages: dict[str, str], repeats: int, shots: Path | None) 
                     cold = open_and_time(page, f"{url}/{path}")
                     if shots is not None and r == 0:
                         shots.mkdir(parents=True, exist_ok=True)
-                        page.screenshot(path=shots / f"{path or 'overview'}.png", full_page=True)
+                        page.screenshot(path=shots / f"{name.lower().replace(' ', '-')}.png", full_page=True)
                     other = "Runs" if name != "Runs" else "Compare"
                     navigate_and_time(page, other)
                     warm = navigate_and_time(page, name)
@@ -68,10 +68,12 @@ def main() -> None:
     parser.add_argument("--lab", type=Path, default=REPO / "data" / "reference-lab")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pages", nargs="*", default=list(PAGES), help="page names (default: all)")
+    parser.add_argument("--default-page", help="the page served at / (an older app opened on Runs)")
     parser.add_argument("--json", type=Path, help="also write the raw times here")
     parser.add_argument("--screenshots", type=Path, help="save each page's first cold view here")
     args = parser.parse_args()
-    times = measure(args.lab, {p: PAGES[p] for p in args.pages}, args.repeats, args.screenshots)
+    pages = {p: "" if p == args.default_page else PAGES[p] for p in args.pages}
+    times = measure(args.lab, pages, args.repeats, args.screenshots)
     if args.json:
         args.json.write_text(json.dumps(times, indent=1) + "\n")
     print(f"seconds, median (min–max) of {args.repeats} repeats; lab {args.lab}; "
