@@ -13,7 +13,8 @@ from dashkit import lab as labdata
 from dashkit import session, widgets
 
 REFRESH_SECONDS = 2.0
-PAGES = [("app_pages/runs.py", "Runs", ":material/table_rows:"),
+PAGES = [("app_pages/overview.py", "Overview", ":material/home:"),
+         ("app_pages/runs.py", "Runs", ":material/table_rows:"),
          ("app_pages/compare.py", "Compare", ":material/compare_arrows:"),
          ("app_pages/loop.py", "Loop dynamics", ":material/all_inclusive:"),
          ("app_pages/spectra.py", "Spectra", ":material/scatter_plot:"),
@@ -28,7 +29,7 @@ def lab_argument() -> str:
     return parser.parse_known_args(sys.argv[1:])[0].lab
 
 
-def watch(lab: str, token: tuple) -> None:
+def watch(lab: str, token: str) -> None:
     """Rerun the app when the lab has changed since this page was drawn (a run grew)."""
     if labdata.lab_token(lab) != token:
         st.rerun()
@@ -39,7 +40,8 @@ if session.LAB not in st.session_state:
     st.session_state[session.LAB] = lab_argument()
 with st.sidebar:
     lab = st.text_input("Lab", key=session.LAB, help="a directory of runs (run store)")
-    table = labdata.runs_table(lab)
+    token = st.session_state[session.TOKEN] = labdata.lab_token(lab)
+    table = labdata.runs_table(lab, token)
 
 if table is None or table.empty:
     st.navigation([st.Page(lambda: widgets.empty_lab(lab, exists=table is not None), title="Get started",
@@ -52,11 +54,12 @@ with st.sidebar:
     st.caption(f"{len(runs)} runs" + (f", {unreadable} unreadable (see Runs)" if unreadable else ""))
     ids = runs["run_id"].tolist()
     st.session_state[session.SELECTED] = [r for r in session.selected() if r in ids]
-    st.multiselect("Selected runs", ids, key=session.SELECTED, help="carried to every page")
+    st.multiselect("Selected runs", ids, key=session.SELECTED, help="carried to every page",
+                   on_change=lambda: st.session_state.pop(widgets.PAIR, None))
     live = st.toggle("Live refresh", value=bool(runs["alive"].any()), key="live",
                      help=f"redraw when a run grows (checked every {REFRESH_SECONDS:g} s)")
     if live:
-        st.fragment(watch, run_every=REFRESH_SECONDS)(lab, labdata.lab_token(lab))
+        st.fragment(watch, run_every=REFRESH_SECONDS)(lab, token)
 
 st.navigation([st.Page(path, title=title, icon=icon, default=i == 0)
                for i, (path, title, icon) in enumerate(PAGES)]).run()

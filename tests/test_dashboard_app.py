@@ -62,7 +62,7 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 def test_runs_page_lists_runs_status_and_the_unreadable_one(lab):
-    at = app(lab)
+    at = app(lab, "runs.py")
     assert metrics(at) == {"runs": "5", "finished": "2", "diverged": "2", "running": "1", "unreadable": "1"}
     table = at.dataframe[0].value.set_index("run")
     assert table.loc[CONCAT, "status"].startswith("diverged @ ") and "1e+12" in table.loc[CONCAT, "status"]
@@ -78,42 +78,63 @@ def test_selection_carries_to_the_other_pages(lab):
     at = app(lab)
     at.multiselect(key="selected").set_value([CONCAT]).run()
     at.switch_page("app_pages/spectra.py").run()
-    assert at.selectbox(key="spectra_run").value == CONCAT
+    assert at.selectbox(key="spectra_left").value == CONCAT
     at.switch_page("app_pages/loop.py").run()
-    assert at.selectbox(key="loop_run").value == CONCAT
+    assert at.selectbox(key="loop_left").value == CONCAT
     assert at.multiselect(key="selected").value == [CONCAT]
 
 
-def test_compare_puts_injections_side_by_side_with_the_rho_line_and_divergences(lab):
+def test_compare_opens_on_the_headline_experiment_unconstrained_beside_constrained(lab):
     at = app(lab, "compare.py")
-    assert titles(at) == ["loss", "grad norm", "ρ(Ā)", "max ‖h_T‖", "‖e‖"]
-    assert metrics(at) == {"concat: diverged": "2 / 2", "parcae: diverged": "0 / 3"}
+    assert at.multiselect(key="compare_experiments").value == ["lr-sweep"]  # not every run of the lab
+    assert titles(at)[:5] == ["loss", "grad norm", "ρ(Ā)", "max ‖h_T‖", "‖e‖"]
+    assert metrics(at) == {"unconstrained: diverged": "2 / 2", "constrained: diverged": "0 / 2"}
     rho = charts(at)[2]
     facets = [a["text"] for a in rho["layout"]["annotations"]]
-    assert facets == ["concat", "parcae"]
+    assert facets == ["unconstrained", "constrained"]
+    assert rho["layout"]["yaxis2"]["matches"] == "y"  # one y axis across the columns
     assert [s["y0"] for s in rho["layout"]["shapes"] if s["xref"].endswith("domain")] == [1.0, 1.0]
     divergences = [s for s in rho["layout"]["shapes"] if s["yref"].endswith("domain")]
     assert sorted(s["x0"] for s in divergences) == [170.0, 176.0]
     assert {t["name"] for t in rho["data"] if t["mode"] == "markers"} == {"loss spike", "divergence"}
     assert charts(at)[3]["layout"]["yaxis"]["type"] == "log"
-    assert len(at.get("download_button")) == 5
+    legend = [t["name"] for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"]
+    assert legend == ["injection=concat (N=2)", "injection=parcae (N=2)"]  # one entry per group, N shown
+    assert len(at.get("download_button")) == len(charts(at)) == 6  # five panels and the parallel coordinates
+    assert charts(at)[5]["data"][0]["type"] == "parcoords"
 
 
 def test_compare_widgets_change_the_charts(lab):
     at = app(lab, "compare.py", selected=[CONCAT, PARCAE])
     at.radio(key="compare_mode").set_value("selected runs").run()
     names = {t.get("name") for t in charts(at)[0]["data"] if t["mode"] == "lines"}
-    assert names == {CONCAT, PARCAE}
+    assert names == {"injection=concat (N=1)", "injection=parcae (N=1)"}
     steps_axis = charts(at)[0]["layout"]["xaxis"]["title"]["text"]
     at.radio(key="compare_x").set_value("tokens").run()
     assert (steps_axis, charts(at)[0]["layout"]["xaxis"]["title"]["text"]) == ("step", "tokens")
-    at.radio(key="compare_mode").set_value("by injection").run()
-    at.toggle(key="compare_seeds").set_value(True).run()
-    bands = [t for t in charts(at)[0]["data"] if t.get("fill") == "tonexty"]
-    assert len(bands) == 2  # concat and parcae seed pairs; the running run stays a single line
-    assert any(t.get("name", "").endswith("(2 seeds)") for t in charts(at)[0]["data"])
+    at.radio(key="compare_mode").set_value("experiments").run()
+    bands = [t for t in charts(at)[0]["data"] if t.get("fill") == "toself"]
+    assert len(bands) == 2  # the concat and the parcae seed pairs, mean ± std
+    faint = [t for t in charts(at)[0]["data"] if t.get("showlegend") is False and t["line"]["width"] == 1]
+    assert len(faint) == 2  # each group's member runs, faint, in one trace
+    at.radio(key="compare_band").set_value("min–max").run()
     at.multiselect(key="compare_extra").set_value(["tokens_per_s"]).run()
-    assert titles(at)[-1] == "tokens_per_s"
+    assert "tokens_per_s" in titles(at)
+
+
+def test_compare_groups_by_the_chosen_fields_and_tables_only_the_differences(lab):
+    at = app(lab, "compare.py")
+    at.multiselect(key="compare_experiments").set_value(["lr-sweep", "live"]).run()
+    group = at.multiselect(key="compare_group_experiments_live|lr-sweep")
+    assert set(group.value) == {"config.model.injection", "config.train.lr", "config.train.steps"}
+    group.set_value(["config.model.injection"]).run()
+    legend = {t["name"] for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"}
+    assert legend == {"injection=concat (N=2)", "injection=parcae (N=3)"}
+    config = at.dataframe[0].value
+    assert {"group", "seed", "status", "model.injection", "train.lr"} <= set(config.columns)
+    assert "model.d_model" not in config.columns  # the same in every run: not a difference
+    at.toggle(key="compare_diff_only").set_value(False).run()
+    assert "model.d_model" in at.dataframe[0].value.columns
 
 
 def test_chart_csvs_hold_every_point_while_the_charts_are_downsampled(tmp_path, monkeypatch):
@@ -131,36 +152,39 @@ def test_chart_csvs_hold_every_point_while_the_charts_are_downsampled(tmp_path, 
     lab = build_lab(tmp_path / "lab", steps=2000)
     at = app(lab, "compare.py")
     loss = pd.read_csv(io.StringIO(made["compare_loss.csv"]()), keep_default_na=False, na_values=["NaN"])
-    assert len(loss) == 2 * 2000 + (1700 + 1760) + 1000  # every step of every run (concat runs stop when they diverge)
+    assert len(loss) == 2 * 2000 + (1700 + 1760)  # every step of every run (concat runs stop when they diverge)
     assert loss.groupby("run")["step"].max().to_dict()[PARCAE] == 2000
-    shown = max(len(array(t["y"])) for t in charts(at)[0]["data"])
-    assert shown <= 602 < 2000  # the chart itself draws a min-max selection
-    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 5  # one CSV per chart
+    means = [t for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"]
+    assert max(len(array(t["y"])) for t in means) <= 602 < 2000  # the chart itself draws a min-max selection
+    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 6  # one CSV per chart
 
 
 def test_compare_without_a_selection_says_what_to_do(lab):
     at = app(lab, "compare.py")
     at.radio(key="compare_mode").set_value("selected runs").run()
-    assert not charts(at) and "No runs selected" in at.info[0].value
+    assert not charts(at) and "No runs to compare" in at.info[0].value
 
 
 def test_loop_dynamics_heatmap_and_step_slider(lab):
     at = app(lab, "loop.py", selected=[CONCAT])
     first = charts(at)
-    assert first[0]["data"][0]["type"] == "heatmap"
+    assert [first[i]["data"][0]["type"] for i in (0, 2)] == ["heatmap", "heatmap"]  # left and right
     assert array(first[0]["data"][0]["z"]).shape == (8, 17)  # 8 loop iterations × 17 probe steps
+    assert first[0]["data"][0]["zmin"] == first[2]["data"][0]["zmin"]  # one colour scale for both
+    assert first[0]["data"][0]["zmax"] == first[2]["data"][0]["zmax"]
     steps = at.select_slider(key="loop_step").options
     at.select_slider(key="loop_step").set_value(steps[3]).run()
     curves = {t["name"] for t in charts(at)[1]["data"]}
     assert curves == {"step 10", "step 40", "step 170"}
-    assert charts(at)[2]["layout"]["title"]["text"] == "validation loss vs test-time depth"
+    assert charts(at)[4]["layout"]["title"]["text"] == "validation loss vs test-time depth (last evaluation)"
 
 
 def test_loop_dynamics_fits_the_test_time_depth_law(lab):
     at = app(lab, "loop.py", selected=[CONCAT])
-    depth = charts(at)[2]
-    assert [t["name"] for t in depth["data"]] == ["step 150", "L = L_inf + Z*exp(-z*T)"]
-    assert float(metrics(at)["z"]) == pytest.approx(0.7, rel=1e-3)  # the lab's L(T) = L∞ + 1.5·e^(−0.7T)
+    depth = charts(at)[4]
+    assert [t["name"] for t in depth["data"]][:2] == ["left: step 150", "left: L = L_inf + Z*exp(-z*T)"]
+    assert float(metrics(at)["z (left)"]) == pytest.approx(0.7, rel=1e-3)  # the lab's L(T) = L∞ + 1.5·e^(−0.7T)
+    assert float(metrics(at)["z (right)"]) == pytest.approx(0.7, rel=1e-3)
 
 
 def test_scaling_page_fits_an_uploaded_csv_and_reports_held_out_error(lab):
@@ -185,15 +209,28 @@ def test_scaling_page_fits_an_uploaded_csv_and_reports_held_out_error(lab):
 
 def test_scaling_page_reads_a_sweep_from_the_runs(lab):
     at = app(lab, "scaling.py")
-    assert at.selectbox(key="scaling_experiment").value == "lr-sweep"  # the largest sweep by default
+    assert at.selectbox(key="scaling_experiment_test-time (exp)").value == "lr-sweep"  # the one with finished runs
     assert at.multiselect(key="scaling_runs_lr-sweep").value == [PARCAE, "lr-sweep/parcae-lr4e-4-s1"]
     assert metrics(at)["points fitted"] == "6"  # two runs × depths 1, 2, 4 (8 and 16 held out: T > μ_rec)
 
 
-def test_without_a_lab_argument_it_opens_the_reference_lab():
+def test_without_a_lab_argument_it_opens_the_reference_lab_on_its_story():
     at = AppTest.from_file(str(DASHBOARD), default_timeout=TIMEOUT).run()
-    assert not at.exception
+    assert not at.exception, [e.value for e in at.exception]
     assert at.text_input(key="lab").value == str(REPO / "data" / "reference-lab")
+    pair = at.table[0].value  # the headline pair, side by side without a click
+    assert list(pair.columns) == ["concat (left)", "parcae (right)"]
+    assert pair.loc["status", "concat (left)"].startswith("diverged") and pair.loc["status", "parcae (right)"] == "finished"
+    assert float(pair.loc["max ρ(Ā)", "concat (left)"]) > 1 > float(pair.loc["max ρ(Ā)", "parcae (right)"])
+    text = " ".join(m.value for m in at.markdown)
+    assert all(f"**C{i}**" in text for i in range(1, 8))  # the claims table
+    outcome = [c for c in charts(at) if c["data"][0]["type"] == "heatmap"]
+    assert len(outcome) == 3  # c1 (injection × lr), c3 (granularity × lr), c6 (budget × μ_rec)
+    at.switch_page("app_pages/scaling.py").run()
+    assert at.selectbox(key="scaling_experiment_test-time (exp)").value == "c5_test_time_depth"
+    at.selectbox(key="scaling_law").set_value("unified").run()
+    assert at.selectbox(key="scaling_experiment_unified").value == "c6_isoflop"
+    assert not at.exception, [e.value for e in at.exception]
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
@@ -213,7 +250,7 @@ def test_a_growing_run_is_read_again_without_a_reload(tmp_path):
         for step in range(1, 51):
             writer.log(step, {"loss": 1.0, "h_T_norm": 1.0})
         writer.flush()
-        at = app(lab)
+        at = app(lab, "runs.py")
         assert at.toggle(key="live").value  # a live writer turns live refresh on
         assert at.dataframe[0].value["steps"].tolist() == [50]
         for step in range(51, 81):
@@ -229,7 +266,7 @@ def test_a_full_session_leaves_the_lab_byte_identical(tmp_path):
     lab = build_lab(tmp_path / "lab", steps=60)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in lab.rglob("*") if p.is_file()}
     at = app(lab, selected=[CONCAT, PARCAE])
-    for page in ("compare.py", "loop.py", "spectra.py", "scaling.py", "architecture.py", "runs.py"):
+    for page in ("compare.py", "loop.py", "spectra.py", "scaling.py", "architecture.py", "runs.py", "overview.py"):
         at.switch_page(f"app_pages/{page}").run()
         assert not at.exception, (page, [e.value for e in at.exception])
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in lab.rglob("*") if p.is_file()}
@@ -246,7 +283,7 @@ from streamlit.testing.v1 import AppTest
 at = AppTest.from_file({str(DASHBOARD)!r}, default_timeout={TIMEOUT})
 at.session_state["lab"] = {str(lab)!r}
 at.run()
-for page in ("compare.py", "loop.py", "spectra.py", "scaling.py", "architecture.py"):
+for page in ("overview.py", "compare.py", "loop.py", "spectra.py", "scaling.py", "architecture.py"):
     at.switch_page("app_pages/" + page).run()
     assert not at.exception, (page, [e.value for e in at.exception])
 ours = sorted(m for m in sys.modules if m.startswith("stabilitylab"))

@@ -1,83 +1,87 @@
 """The dashboard in a real browser: `stabilitylab dashboard LAB --port N` serves it on
-127.0.0.1 and Debian's chromium, driven by Playwright, uses it. One test selects a run and
-opens Compare (a screenshot lands in test-artifacts/); one watches a run that is being
-written grow on screen without a reload. Skipped without chromium; Playwright never
-downloads a browser here."""
+127.0.0.1 and Debian's chromium, driven by Playwright, uses it (tests/dashboard_serve.py).
+Every page opens on the reference lab and on a lab with a live writer, with its charts and
+no exception, and leaves a screenshot in test-artifacts/<lab>-<page>.png (CI keeps them);
+a run can be selected and compared; a run that is being written grows on screen without a
+reload. Skipped without chromium; Playwright never downloads a browser here."""
 
-import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from dashboard_lab import REPO, build_lab
+from dashboard_serve import (ANY_CHART, CHARTS_DRAWN, CHROMIUM, EXCEPTION, SCRIPT_DONE, chromium,
+                             navigate_and_time, serve)
 
 from stabilitylab.store import RunWriter
 
-CHROMIUM = shutil.which("chromium")
 ARTIFACTS = REPO / "test-artifacts"
 RUN = "lr-sweep/concat-lr4e-4-s0"
-WAIT_MS = 180_000  # the machine is shared and often loaded
-NO_ERROR = "!document.querySelector('[data-testid=\"stException\"]')"
+# page path -> (sidebar title, the fewest plotly charts it draws on these labs; Runs: a table)
+PAGES = {"": ("Overview", 1), "runs": ("Runs", 0), "compare": ("Compare", 5), "loop": ("Loop dynamics", 3),
+         "spectra": ("Spectra", 4), "scaling": ("Scaling laws", 2), "architecture": ("Architecture", 2)}
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 
 
-@contextlib.contextmanager
-def serve(lab, log_path):
-    """`stabilitylab dashboard LAB --port N` on a free port; yields its URL once healthy."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
-           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "stabilitylab", "dashboard", str(lab), "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + WAIT_MS / 1000
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=5).read() == b"ok":
-                        break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not come up: {log_path.read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+def settle(page) -> None:
+    page.wait_for_function(f"({ANY_CHART}) || ({EXCEPTION})", polling=50)
+    page.wait_for_function(f"(({SCRIPT_DONE}) && ({CHARTS_DRAWN})) || ({EXCEPTION})", polling=50)
 
 
-@contextlib.contextmanager
-def chromium_page():
-    from playwright.sync_api import sync_playwright
+def writing(lab, run_id: str, stop: threading.Event, started: threading.Event) -> None:
+    """A writer in this process's thread: alive to the dashboard, committing every ~0.2 s."""
+    with RunWriter.create(lab, run_id, {"model": {"injection": "parcae"}}, experiment="live",
+                          flush_seconds=0.2) as writer:
+        step = 0
+        while not stop.is_set():
+            step += 1
+            writer.log(step, {"loss": 1 / step, "grad_norm": 1.0, "h_T_norm": 1.0})
+            started.set()
+            time.sleep(0.02)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})
-            page.set_default_timeout(WAIT_MS)
-            yield page
-        finally:
-            browser.close()
+
+def visit_every_page(lab, name: str, log) -> None:
+    with serve(lab, log) as url, chromium() as page:
+        page.goto(url)
+        settle(page)
+        for path, (title, charts) in PAGES.items():
+            if path:
+                navigate_and_time(page, title)
+            settle(page)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=ARTIFACTS / f"{name}-{path or 'overview'}.png", full_page=True)
+            errors = page.locator('[data-testid="stException"]')
+            assert errors.count() == 0, (title, errors.first.inner_text())
+            drawn = page.locator(".js-plotly-plot").count()
+            assert drawn >= charts, (title, drawn)
+            if not charts:
+                assert page.get_by_test_id("stDataFrame").count() >= 1, title
+
+
+@pytest.mark.slow
+def test_every_page_on_the_reference_lab(tmp_path):
+    visit_every_page(REPO / "data" / "reference-lab", "reference", tmp_path / "streamlit.log")
+
+
+@pytest.mark.slow
+def test_every_page_on_a_lab_with_a_live_writer(tmp_path):
+    lab = build_lab(tmp_path / "lab", steps=120)
+    stop, started = threading.Event(), threading.Event()
+    thread = threading.Thread(target=writing, args=(lab, "live/writing", stop, started))
+    thread.start()
+    try:
+        assert started.wait(60)
+        visit_every_page(lab, "live", tmp_path / "streamlit.log")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 def test_select_a_run_and_compare_it_in_chromium(tmp_path):
     lab = build_lab(tmp_path / "lab", steps=120)
-    with serve(lab, tmp_path / "streamlit.log") as url, chromium_page() as page:
-        page.goto(url)
+    with serve(lab, tmp_path / "streamlit.log") as url, chromium() as page:
+        page.goto(f"{url}/runs")
         page.get_by_test_id("stDataFrame").first.wait_for()
         box = page.get_by_role("combobox", name="Selected runs")
         box.click()
@@ -87,38 +91,27 @@ def test_select_a_run_and_compare_it_in_chromium(tmp_path):
         page.get_by_test_id("stMultiSelectTagsContainer").first.get_by_text(RUN).wait_for()
         page.get_by_role("link", name="Compare").click()
         page.get_by_text("selected runs", exact=True).click()
-        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= 5 || !({NO_ERROR})")
-        page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')")
-        page.wait_for_function(f"[...document.querySelectorAll('.legendtext')].some(e => e.textContent === '{RUN}')"
-                               f" || !({NO_ERROR})")
+        label = f"{RUN} (N=1)"
+        page.wait_for_function(f"[...document.querySelectorAll('.legendtext')].some(e => e.textContent === '{label}')"
+                               f" || ({EXCEPTION})")
+        settle(page)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=ARTIFACTS / "dashboard-compare.png")
         errors = page.locator('[data-testid="stException"]')
         assert errors.count() == 0, errors.first.inner_text()
         legend = set(page.locator(".js-plotly-plot .legendtext").all_text_contents())
-        assert RUN in legend and "lr-sweep/parcae-lr4e-4-s0" not in legend  # only the selected run
+        assert label in legend and not any(t.startswith("lr-sweep/parcae") for t in legend)  # the selected run only
         assert page.locator(".js-plotly-plot").count() == 5
 
 
 def test_a_run_being_written_grows_on_screen_without_a_reload(tmp_path):
     stop, started = threading.Event(), threading.Event()
-
-    def train():  # a writer in another thread: alive to the dashboard, committing every ~0.2 s
-        with RunWriter.create(tmp_path / "lab", "live", {"model": {"injection": "parcae"}}, experiment="live",
-                              flush_seconds=0.2) as writer:
-            step = 0
-            while not stop.is_set():
-                step += 1
-                writer.log(step, {"loss": 1 / step, "grad_norm": 1.0, "h_T_norm": 1.0})
-                started.set()
-                time.sleep(0.02)
-
-    thread = threading.Thread(target=train)
+    thread = threading.Thread(target=writing, args=(tmp_path / "lab", "live", stop, started))
     thread.start()
     try:
         assert started.wait(60)
         time.sleep(1)
-        with serve(tmp_path / "lab", tmp_path / "streamlit.log") as url, chromium_page() as page:
+        with serve(tmp_path / "lab", tmp_path / "streamlit.log") as url, chromium() as page:
             page.goto(f"{url}/compare")
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1")
             # null-safe: a live redraw briefly replaces the chart element

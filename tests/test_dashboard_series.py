@@ -1,7 +1,10 @@
 """The dashboard's pure pieces: smoothing, display downsampling, seed bands, colours, and
 figures that plotly accepts with full validation."""
 
+import base64
+
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 from dashboard_lab import config
@@ -93,23 +96,33 @@ def test_run_colour_is_stable_and_from_the_palette():
     assert len({charts.color(f"run{i}") for i in range(200)}) > len(charts.PALETTE) // 2
 
 
-def validated(fig: go.Figure) -> go.Figure:
+def validated(fig: go.Figure | dict) -> go.Figure:
     """Rebuild with plotly's full validation (the dashboard skips it for speed)."""
-    return go.Figure(fig.to_dict())
+    return go.Figure(fig if isinstance(fig, dict) else fig.to_dict())
+
+
+def length(values) -> int:
+    """Points in a trace's array, packed (plotly.js typed-array spec) or not."""
+    if isinstance(values, dict):
+        return len(base64.b64decode(values["bdata"])) // 8
+    return len(values)
 
 
 def test_every_figure_builder_passes_plotly_validation():
     steps = np.arange(1, 3001)
     loss = 3 - np.log(steps) / 5
     curves = [charts.Curve("a", "a", 0, steps.astype(float), loss, loss + 0.01),
-              charts.Curve("b", "b (2 seeds)", 1, steps.astype(float), loss, loss, loss - 0.1, loss + 0.1)]
+              charts.Curve("b", "b (N=2)", 1, steps.astype(float), loss, loss, loss - 0.1, loss + 0.1,
+                           members=[(steps.astype(float), loss - 0.1), (steps.astype(float), loss + 0.1)])]
     panel = charts.Panel("loss", ["parcae", "concat"], "step", log_y=True, hline=1.0, smoothed=True, curves=curves,
                          vlines=[("b", 1, 2500.0)])
     panel.markers = charts.event_markers("b", 1, [(2500, "divergence", "NaN"), (10, "resume", "")], [2500, 10],
                                          [1.0, 2.0])
     fig = validated(charts.panel_figure(panel))
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
-    assert max(len(t.x) for t in fig.data) <= charts.DISPLAY_POINTS + 2  # downsampled for display
+    lines = [t for t in fig.data if t.fill != "toself" and t.line.width != 1]
+    assert max(length(t.x) for t in lines) <= charts.DISPLAY_POINTS + 2  # downsampled for display
+    assert [t.name for t in fig.data if t.showlegend is not False and t.mode == "lines"] == ["a", "b (N=2)"]
     assert {t.name for t in fig.data if t.mode == "markers"} == {"divergence", "event"}
     eig = 0.9 * np.exp(1j * np.linspace(0, 3, 16))
     validated(charts.eigen_figure(eig, 10, frames=[(10, eig), (20, 1.1 * eig)]))
@@ -117,6 +130,12 @@ def test_every_figure_builder_passes_plotly_validation():
     validated(charts.heatmap_figure("s", steps[:50], np.random.rand(50, 8), log_color=True))
     validated(charts.lines_figure("l", [("k", "k", steps, loss)], x_title="step", log_y=True, hline=1.0))
     validated(graph.figure_of(graph.build(config("concat", 1e-3, 10), None), "arch"))
+    validated(charts.side_by_side_figure([("ρ", False, 1.0), ("h", True, None)],
+                                         [("left", "l", 0, steps, loss), ("right", "r", 1, steps, loss)], x_title="step"))
+    cells = pd.DataFrame({"row": ["a", "b"], "col": ["1", "1"], "finished": [2, 0], "spiked": [0, 1],
+                          "diverged": [0, 1], "n": [2, 2], "worst": [0, 2]})
+    validated(charts.outcome_figure("o", cells, ["a", "b"], ["1"], "injection", "lr"))
+    validated(charts.parallel_figure("p", [{"label": "lr", "values": [1.0, 2.0]}], np.array([1.0, np.nan]), "loss"))
 
 
 def test_architecture_graph_unrolls_the_loop_and_annotates_the_injection():

@@ -29,7 +29,7 @@ def select_rows(shown: list[str]) -> None:
 
 
 lab = session.lab()
-table = labdata.runs_table(lab)
+table = session.table()
 runs = labdata.readable(table)
 st.title("Runs")
 st.caption(f"lab `{lab}`")

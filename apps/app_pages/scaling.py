@@ -16,9 +16,12 @@ PAST_TRAINING = "T > μ_rec"  # hold out every point evaluated deeper than its r
 lab, runs = session.lab(), session.runs()
 st.title("Scaling laws")
 laws = fits.LAWS
+LINKED = "scaling_linked_experiment"  # an experiment a link asked for
+widgets.take_query({"law": "scaling_law", "experiment": LINKED})
+st.session_state.setdefault("scaling_law", fits.TEST_TIME)
 c = st.columns([1, 2])
 source = c[0].radio("data", ["runs of a sweep", "CSV upload"], key="scaling_source")
-law = c[1].selectbox("law", list(laws), index=list(laws).index(fits.TEST_TIME), key="scaling_law",
+law = c[1].selectbox("law", list(laws), key="scaling_law",
                      format_func=lambda k: f"{k}: {laws[k].formula}")
 spec = laws[law]
 
@@ -30,8 +33,25 @@ if source == "CSV upload":
         st.stop()
     points = pd.read_csv(upload)
 else:
-    experiments = runs["experiment"].value_counts().index.tolist()  # the largest sweep first
-    experiment = st.selectbox("sweep (experiment)", experiments, key="scaling_experiment")
+    which = labdata.fittable(lab, session.lab_token(), law)
+    best = fits.best_experiment(which)
+    experiments = which["experiment"].tolist()
+    key = f"scaling_experiment_{law}"  # each law remembers its own experiment
+    linked = st.session_state.pop(LINKED, None)
+    if linked in experiments:
+        st.session_state[key] = linked
+    if st.session_state.get(key) not in experiments:
+        st.session_state[key] = best or experiments[0]
+    experiment = st.selectbox("sweep (experiment)", experiments, key=key,
+                              format_func=lambda e: e + ("" if which.set_index("experiment").at[e, "ok"]
+                                                         else " (cannot be fitted)"),
+                              help="by default the experiment with the most data this law needs")
+    bad = which[~which["ok"]]
+    if best is None:
+        st.warning(f"No experiment of this lab has the data {spec.formula} needs.")
+    with st.expander(f"{int(which['ok'].sum())} of {len(which)} experiments can be fitted with this law"
+                     + ("" if bad.empty else f"; why not the other {len(bad)}")):
+        st.dataframe(which.drop(columns="score"), hide_index=True, key="scaling_fittable")
     members = runs[runs["experiment"] == experiment].rename(columns={names.config_column("mu_rec"): "mu_rec"})
     chosen = st.multiselect("runs", members["run_id"], members.loc[members["status"] == "finished", "run_id"],
                             key=f"scaling_runs_{experiment}", help="only finished runs by default, as "

@@ -72,10 +72,11 @@ def value_at(steps: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarra
     return np.interp(np.asarray(at, dtype=float), steps[finite], values[finite])
 
 
-def seed_band(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean ± one standard deviation of several seeds' (steps, values), on the union of
-    their steps (each seed interpolated at steps inside its own range; finite values only).
-    Returns (steps, mean, lower, upper)."""
+def seed_band(series: list[tuple[np.ndarray, np.ndarray]],
+              spread: str = "std") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean ± one standard deviation (spread="std") or mean within min–max (spread="range")
+    of several seeds' (steps, values), on the union of their steps (each seed interpolated
+    at steps inside its own range; finite values only). Returns (steps, mean, lower, upper)."""
     steps = np.unique(np.concatenate([np.asarray(s) for s, _ in series]))
     stack = np.full((len(series), len(steps)), np.nan)
     for row, (s, v) in zip(stack, series):
@@ -86,7 +87,10 @@ def seed_band(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
             row[inside] = np.interp(steps[inside], np.asarray(s)[finite], v[finite])
     with warnings.catch_warnings():  # a step where no seed is finite: NaN, quietly
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean, std = np.nanmean(stack, axis=0), np.nanstd(stack, axis=0)
+        mean = np.nanmean(stack, axis=0)
+        if spread == "range":
+            return steps, mean, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+        std = np.nanstd(stack, axis=0)
     return steps, mean, mean - std, mean + std
 
 
