@@ -225,7 +225,7 @@ def test_without_a_lab_argument_it_opens_the_reference_lab_on_its_story():
     text = " ".join(m.value for m in at.markdown)
     assert all(f"**C{i}**" in text for i in range(1, 8))  # the claims table
     outcome = [c for c in charts(at) if c["data"][0]["type"] == "heatmap"]
-    assert len(outcome) == 3  # c1 (injection × lr), c3 (granularity × lr), c6 (budget × μ_rec)
+    assert len(outcome) == 4  # c1, c2 (injection × lr), c3 (granularity × lr), c6 (budget × μ_rec)
     at.switch_page("app_pages/scaling.py").run()
     assert at.selectbox(key="scaling_experiment_test-time (exp)").value == "c5_test_time_depth"
     at.selectbox(key="scaling_law").set_value("unified").run()

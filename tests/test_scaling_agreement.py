@@ -24,11 +24,11 @@ def dashboard_params(law: str) -> dict[str, float]:
     at.session_state["lab"] = str(LAB)
     at.run()
     at.switch_page("app_pages/scaling.py").run()
-    at.selectbox(key="scaling_experiment").set_value(EXPERIMENT).run()
     at.selectbox(key="scaling_law").set_value(law).run()
+    at.selectbox(key=f"scaling_experiment_{law}").set_value(EXPERIMENT).run()
     at.select_slider(key="scaling_bootstrap").set_value(0).run()
     assert not at.exception, [e.value for e in at.exception]
-    table = at.dataframe[0].value
+    table = next(d.value for d in at.dataframe if "parameter" in d.value.columns)
     return dict(zip(table["parameter"], table["value"].astype(float)))
 
 
