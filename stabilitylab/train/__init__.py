@@ -6,8 +6,9 @@
     divergence.py   divergence rules and loss spikes
     evaluate.py     validation loss at test depths
     checkpoint.py   safetensors weights + resume state
-    distributed.py  torchrun / DDP glue
-    sweep.py        a grid of runs, resumable, in parallel processes
+    distributed.py  torchrun glue: DDP, or FSDP2 (train.parallel = "fsdp")
+    sweep.py        a grid of runs, resumable, in parallel processes (longest first)
+    slurm.py        the same grid as one Slurm job array (submitit, optional)
 
 The configs (TrainConfig, ProbeConfig, DivergenceConfig) live in stabilitylab.config.
 """
