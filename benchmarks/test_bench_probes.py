@@ -12,9 +12,13 @@ interval spent inside Probes.run (throughput ratio ≈ 1 − share). The run sto
 is the time spent inside RunWriter's per-step methods over the training time.
 
     STABILITYLAB_BENCH_THREADS=1 .venv/bin/python -m pytest benchmarks/test_bench_probes.py --benchmark-only -s
+
+The analysis probe (test_analysis_probe_in_training_steps) is timed apart: in
+training steps' worth, side by side with a step and with its former method.
 """
 
 import itertools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ from timing import alternate
 
 from stabilitylab.experiment import load_experiment
 from stabilitylab.store import RunWriter, open_run
-from stabilitylab.train.probes import Probes
+from stabilitylab.train.probes import Probes, analysis_probe
 from stabilitylab.train.trainer import train
 
 QUICK = Path(__file__).resolve().parents[1] / "experiments" / "quick.toml"
@@ -98,3 +102,56 @@ def test_default_probes_keep_throughput_within_5_percent(benchmark, tmp_path, mo
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert probe_share <= 0.05, f"default probes take {probe_share:.1%} of training time"
     assert step_share < 0.01, f"the run store's writes take {step_share:.2%} of training time"
+
+
+def test_analysis_probe_in_training_steps(benchmark, tmp_path):
+    """The analysis probe at the quick setting (probe batch 2 × 64, depth 2·μ_rec = 16, k = 8,
+    d_state 128) in training steps' worth (a quick training step: batch 8 × 64, sampled
+    depths, AdamW), alternated in one run with the step and with the probe's former method
+    (the whole B·d Jacobian formed densely from 256 JVPs in one vmapped call, then the same
+    Lyapunov exponents). The model is moved off its init so that the loop is not linear."""
+    import torch
+
+    import stabilitylab as sl
+    from stabilitylab.analysis import loop_jacobian, loop_lyapunov
+
+    exp = load_experiment(QUICK, ["model.injection=parcae"])
+    cfg = exp.model
+    torch.manual_seed(0)
+    model = sl.LoopedLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g) / max(1, p.shape[-1]) ** 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = (torch.randint(0, cfg.vocab_size, (8, 64), generator=g) for _ in range(2))
+    h0_step = model.draw_state((8, 64), "cpu", torch.float32, g)
+    tokens, h0 = x[:2], model.draw_state((2, 64), "cpu", torch.float32, g)
+    depth, k = 2 * cfg.mean_recurrence, 8
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        model(x, y, depth=sl.sample_depth(cfg, 3, 0, 8, 64), h0=h0_step).loss.backward()
+        opt.step()
+
+    writer = RunWriter.create(tmp_path, "probe", {}, experiment="bench")
+
+    def probe():
+        with torch.no_grad():
+            analysis_probe(model, tokens, h0, depth, 1, writer)
+
+    def former():
+        loop_jacobian(model, tokens, depth, position=-1, h0=h0, k=k, method="dense")
+        loop_lyapunov(model, tokens, depth, k=k, position=-1, h0=h0)
+
+    times = alternate({"step": step, "probe": probe, "former": former}, rounds=5, warmup=1)
+    steps, former_steps = times["probe"] / times["step"], times["former"] / times["step"]
+    benchmark.extra_info.update(threads=THREADS, load=os.getloadavg()[0], step_ms=times["step"] * 1e3,
+                                probe_ms=times["probe"] * 1e3, former_ms=times["former"] * 1e3,
+                                probe_steps=steps, former_steps=former_steps)
+    print(f"\nanalysis probe, {THREADS} threads, load {os.getloadavg()[0]:.1f}: step {times['step'] * 1e3:.0f} ms, "
+          f"probe {times['probe'] * 1e3:.0f} ms = {steps:.1f} steps (former method {times['former'] * 1e3:.0f} ms "
+          f"= {former_steps:.1f} steps, {times['former'] / times['probe']:.1f}x)")
+    benchmark.pedantic(probe, rounds=1, iterations=1)
+    writer.close()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stabilitylab import records
 from stabilitylab.config import (SECTIONS, ConfigError, ExperimentConfig, ModelConfig, SweepConfig, from_dict,
                                  read_toml, resolve_depth, training_flops_per_token)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -152,21 +153,12 @@ def _apply_flop_budget(exp: ExperimentConfig, source: str | Path | None) -> None
 
 def _sweep(table: Any, source: str | Path | None) -> SweepConfig:
     if isinstance(table, dict) and isinstance(table.get("grid"), dict):
-        table = {**table, "grid": _flatten(table["grid"])}
+        table = {**table, "grid": records.dotted(table["grid"])}  # unquoted dotted TOML keys
         for key in table["grid"]:
             _assign({}, key, None, str(source or "sweep"))  # the field must exist
     return from_dict(SweepConfig, table, source=source, section="sweep")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"injection": [...]}} (unquoted dotted keys) → {"model.injection": [...]}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _check_together(exp: ExperimentConfig, source: str | Path | None) -> None:

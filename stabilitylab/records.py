@@ -56,6 +56,23 @@ EARLY_WARNING = "early_warning"  # written back by `stabilitylab events --write`
 PROBE_ERROR = "probe_error"  # a probe could not run (e.g. an overflowed state)
 EVENT_KINDS = (SPIKE, DIVERGENCE, EARLY_WARNING, PROBE_ERROR)
 
+# ---- config fields as names: a run's config {"model": {"injection": …}} is read back as the
+# column "config.model.injection" (list_runs) and swept as "model.injection" ([sweep] grid)
+CONFIG_PREFIX = "config."
+
+
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"injection": x}} → {prefix + "model.injection": x}: a nested table's leaves
+    under their dotted paths (the one way a config field is named outside its table)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # ---- seeds: salts that keep each random stream apart from every other (seed ^ salt) ----------
 PROBE_SALT = 0x9B0BE  # the probe batch's h_0
 EVAL_SALT = 0xE7A1  # the evaluation h_0
@@ -67,4 +84,4 @@ __all__ = ["LOSS", "LR", "GRAD_NORM", "GRAD_NORM_ROLE", "TOKENS_PER_S", "TOKENS"
            "TRACE_REL_RESIDUAL", "TRACE_COSINE", "TRACE_FIELDS", "E_NORM_MEAN", "H0_NORM_MEAN", "RHO", "NORM_A", "NORM_B", "NORM_C", "NORM_E",
            "SPECTRUM_FIELDS", "JACOBIAN_RADIUS", "JACOBIAN_MODULI", "LYAPUNOV", "ANALYSIS_ARRAYS", "ANALYSIS_K",
            "VAL_LOSS", "SPIKE", "DIVERGENCE", "EARLY_WARNING", "PROBE_ERROR", "EVENT_KINDS", "PROBE_SALT",
-           "EVAL_SALT", "BATCH_SALT"]
+           "EVAL_SALT", "BATCH_SALT", "CONFIG_PREFIX", "dotted"]

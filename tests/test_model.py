@@ -170,6 +170,21 @@ def test_a_seeded_initial_state_repeats_ignores_the_global_rng_and_differs_betwe
     assert not torch.equal(other, first) and first.abs().sum() > 0
 
 
+def test_a_seeded_initial_state_is_drawn_once_per_shape(batch):
+    model = sl.LoopedLM(tiny(init_state="seeded", init_state_seed=7))
+    first = model.draw_state((3, 10), "cpu", torch.float32)
+    assert model.draw_state((3, 10), "cpu", torch.float32) is first  # kept, not redrawn every step
+    std = model.cfg.std
+
+    def fresh(*shape):
+        return torch.nn.init.trunc_normal_(torch.empty(*shape, model.cfg.state_dim), std=std, a=-3 * std,
+                                           b=3 * std, generator=torch.Generator().manual_seed(7))
+
+    assert torch.equal(first, fresh(3, 10))
+    other = model.draw_state((2, 10), "cpu", torch.float64)  # a new shape or dtype: the same seed drawn again
+    assert other.dtype == torch.float64 and torch.equal(other, fresh(2, 10).double())
+
+
 def test_reference_initial_state_is_a_fresh_truncated_normal(batch):
     model = sl.LoopedLM(tiny(d_model=64, n_heads=4))
     e = model.encode(torch.randint(0, 32, (64, 16)))
@@ -241,6 +256,27 @@ def test_rope_rotates_each_interleaved_pair_by_its_angle():
             torch.testing.assert_close(out[:, p, :, 2 * i], a * theta.cos() - b * theta.sin(), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(out[:, p, :, 2 * i + 1], b * theta.cos() + a * theta.sin(),
                                        rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rope_equals_the_complex_rotation_to_float_rounding(compiled):
+    """The real (cos, sin) table and both paths of apply_rope (the complex view eager, real
+    arithmetic under torch.compile) against x·e^{iθ} computed as complex numbers."""
+    from stabilitylab.model.blocks import apply_rope, rope_table
+
+    D, T, base = 32, 64, 50000.0
+    table = rope_table(D, T, base)
+    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)  # the float32 angles of
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq).double()  # the reference's table
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    torch.testing.assert_close(table.double(), torch.view_as_real(rotation), rtol=0, atol=2 ** -24)
+    x = torch.randn(3, T, 4, D)
+    expected = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+    rope = torch.compile(apply_rope, backend="eager", fullgraph=True) if compiled else apply_rope
+    torch.testing.assert_close(rope(x, table).double(), expected, rtol=1e-6, atol=1e-5)
+    half = rope(x.bfloat16(), table)  # low precision is rotated in float32 and cast back
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, rtol=1e-2, atol=2e-2)
 
 
 def test_rope_scores_depend_only_on_relative_position():

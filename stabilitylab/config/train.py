@@ -47,7 +47,7 @@ class TrainConfig:
     keep_checkpoints: int = number(2, "[0, inf)")  # newest checkpoints kept on disk (0 = all)
     seed: int = number(0, "[0, inf)")  # model init, batches, depths and initial states all follow from it
     device: str = "auto"  # auto = cuda if available, else cpu; bf16 autocast on cuda
-    compile: bool = False  # torch.compile the model
+    compile: bool | str = "auto"  # torch.compile the blocks: true, false, or "auto" (when the run is long enough)
     parallel: str = "ddp"  # several processes (torchrun): ddp (replicas) or fsdp (FSDP2: sharded weights and optimiser)
     param_dtype: str = "auto"  # fsdp compute dtype (reduce in float32): auto = bfloat16 on cuda, float32 on cpu
     activation_checkpointing: bool = False  # recompute each gradient iteration of the core in backward (less memory)
@@ -64,6 +64,8 @@ class TrainConfig:
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ConfigError("optimizer", "muon needs whole matrices, and fsdp shards them",
                               'Use optimizer = "adamw" with parallel = "fsdp", or parallel = "ddp" with muon')
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ConfigError("compile", f"{self.compile!r} is not allowed", 'Allowed: true, false, "auto"')
         if len(self.betas) != 2:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}",
                               "The reference uses [0.8, 0.95]")

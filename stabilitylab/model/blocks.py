@@ -47,25 +47,38 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, length: int, base: float) -> Tensor:
-    """Interleaved RoPE as complex rotations, shape (length, 1, head_dim / 2), complex64.
+    """Interleaved RoPE as a real table of (cos θ, sin θ), shape (length, 1, head_dim / 2, 2), float32.
 
-    Pair (x_{2i}, x_{2i+1}) at position p is the complex number x_{2i} + i·x_{2i+1},
-    rotated by the angle θ = p·base^(-2i/head_dim):
+    Pair (x_{2i}, x_{2i+1}) at position p is rotated by the angle θ = p·base^(-2i/head_dim):
         x'_{2i}   = x_{2i} cos θ − x_{2i+1} sin θ
         x'_{2i+1} = x_{2i+1} cos θ + x_{2i} sin θ
-    i.e. one complex multiplication by e^{iθ} (one kernel, forward and backward).
+    i.e. the complex product (x_{2i} + i·x_{2i+1})·e^{iθ}, written in real arithmetic so that
+    torch.compile fuses it (inductor generates no code for complex numbers). The table is the
+    real view of e^{iθ} = polar(1, θ): (cos θ, sin θ), the layout of the reference's freqs_cis.
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)[:, None]
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate x of shape (B, T, heads, head_dim) by the first T rows of `table`, in at
-    least float32."""
+    least float32: (a, b) ↦ (a cos θ − b sin θ, b cos θ + a sin θ) on each interleaved pair.
+
+    Under torch.compile this is written out in real arithmetic, which inductor fuses with
+    its neighbours. Eager, the same product is one complex multiplication by the table's
+    complex view (one kernel each way: 2.5–4× cheaper than the five real ones, measured
+    forward + backward on a training step's q and k). The two agree to float rounding.
+    """
     xf = x.float() if x.dtype in LOW_PRECISION else x
-    rotated = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table[: x.shape[-3]]
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    table = table[: x.shape[-3]]
+    if torch.compiler.is_compiling():
+        a, b = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = table.unbind(-1)
+        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * torch.view_as_complex(table))
+    return rotated.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -87,7 +100,10 @@ class Attention(nn.Module):
             else:
                 scaled_orthogonal_(self.proj.weight, cfg.std)
 
-    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> Tensor:
+    def project(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None,
+                start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of shape (B, T, heads, head_dim) for x holding positions start..start+T−1:
+        value embedding, RoPE at those positions, QK-norm."""
         B, T, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
@@ -95,13 +111,23 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
         if self.rope:
-            qk = apply_rope(qk, rope)
+            qk = apply_rope(qk, rope[start:])
         if self.qk_norm:
             qk = F.rms_norm(qk, (D,))
         q, k = qk.split([H, Hkv], dim=2)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None,
+                past: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Causal attention over x; with `past` = (k, v) of the P positions before x (as
+        `project` returns them), x is the single position P, attending to them and itself."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope, ve, start=0 if past is None else past[0].shape[1])
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=H != Hkv)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+                                           is_causal=past is None, enable_gqa=self.heads != self.kv_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -139,9 +165,17 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(width, cfg.norm_eps, cfg.norm_fp32)
         self.mlp = MLP(cfg, width, hidden)
 
-    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None,
+                past: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The block over x (B, T, width); with `past` (see `keys_values`), x is the one
+        position after them (incremental evaluation: the same numbers, to float rounding)."""
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, ve)
+            x = x + self.attn(self.norm1(x), rope, ve, past)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, ve))
+        x = self.norm1(x + self.attn(x, rope, ve, past))
         return self.norm2(x + self.mlp(x))
+
+    def keys_values(self, x: Tensor, rope: Tensor | None, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The attention's keys and values for the positions of x: `past` for the position after them."""
+        _, k, v = self.attn.project(self.norm1(x) if self.pre_norm else x, rope, ve)
+        return k, v

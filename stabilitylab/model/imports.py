@@ -484,9 +484,9 @@ def to_parcae(tensors: dict[str, Tensor], maps: list[KeyMapping]) -> dict[str, T
 
 
 def _freqs_cis(cfg: ModelConfig) -> Tensor:
-    """parcae_lm's RoPE buffer, (1, block_size, 1, head_dim/2, 2) of (cos θ, sin θ): our complex
-    rope_table e^{iθ} as real pairs."""
-    return torch.view_as_real(rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base))[None]
+    """parcae_lm's RoPE buffer, (1, block_size, 1, head_dim/2, 2) of (cos θ, sin θ): our
+    rope_table with a leading batch axis."""
+    return rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base)[None]
 
 
 # ---- reading and writing files ------------------------------------------------------------

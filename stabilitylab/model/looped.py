@@ -120,6 +120,7 @@ class LoopedLM(nn.Module):
         # recompute each gradient iteration in backward instead of keeping its activations: memory
         # O(one iteration) + the k states instead of O(k iterations); set by train.activation_checkpointing
         self.recompute_core = False
+        self._seeded: tuple[tuple, Tensor] | None = None  # init_state "seeded": (shape, device, dtype), h_0
         for head_dim in {b.attn.head_dim for b in blocks}:
             self.register_buffer(f"rope_{head_dim}", rope_table(head_dim, cfg.block_size, cfg.rope_base),
                                  persistent=False)
@@ -210,8 +211,13 @@ class LoopedLM(nn.Module):
         if mode == "zero":
             return torch.zeros(shape, device=device, dtype=dtype)
         std = self.cfg.std
-        if mode == "seeded":
-            generator = torch.Generator(device="cpu").manual_seed(self.cfg.init_state_seed)
+        if mode == "seeded":  # one draw, kept while shape, device and dtype stay (callers never write to h_0)
+            key = (shape, torch.device(device), dtype)
+            if self._seeded is None or self._seeded[0] != key:
+                generator = torch.Generator(device="cpu").manual_seed(self.cfg.init_state_seed)
+                h = nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std, generator=generator)
+                self._seeded = (key, h.to(device=device, dtype=dtype))
+            return self._seeded[1]
         if generator is None:
             h = torch.empty(shape, device=device, dtype=dtype)
             return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std)

@@ -16,6 +16,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from stabilitylab import records
 from stabilitylab.store.reader import SUMMARY_COLUMNS, Run
 from stabilitylab.store.schema import CHECKPOINT_DIR, DB_NAME, LOCK_NAME, StoreError, existing_run, reading
 from stabilitylab.store.writer import RunWriter
@@ -59,7 +60,7 @@ def list_runs(lab: str | Path = DEFAULT_LAB, *, check: bool = False) -> pd.DataF
         except (StoreError, OSError, ValueError) as err:
             rows.append({"run_id": run.id, "path": str(run.path), "readable": False, "error": str(err),
                          "alive": run.alive(), "token": run.token()})
-    config = sorted({k for r in rows for k in r if k.startswith("config.")})
+    config = sorted({k for r in rows for k in r if k.startswith(records.CONFIG_PREFIX)})
     return pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS, *config])
 
 

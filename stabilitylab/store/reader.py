@@ -42,14 +42,6 @@ def _frame(rows: Sequence[tuple], columns: Mapping[str, str]) -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(list(col), dtype=dtype) for (name, dtype), col in zip(columns.items(), data)})
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -234,7 +226,7 @@ class Run:
                 "alive": self.alive(), "last_step": last_step,
                 "final_loss": nan_if_none(loss), "max_rho": nan_if_none(max_rho), "max_state_norm": nan_if_none(norm),
                 "started_at": meta.get("started_at"), "git_commit": meta.get("git_commit"),
-                "token": self.token(), **_flatten(meta.get("config", {}), "config.")}
+                "token": self.token(), **records.dotted(meta.get("config", {}), records.CONFIG_PREFIX)}
 
     # ---- series -----------------------------------------------------------------------
     def scalar_names(self) -> list[str]:

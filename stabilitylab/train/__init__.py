@@ -6,6 +6,7 @@
     divergence.py   divergence rules and loss spikes
     evaluate.py     validation loss at test depths
     checkpoint.py   safetensors weights + resume state
+    compiling.py    torch.compile of the blocks where it pays (train.compile = "auto")
     distributed.py  torchrun glue: DDP, or FSDP2 (train.parallel = "fsdp")
     sweep.py        a grid of runs, resumable, in parallel processes (longest first)
     slurm.py        the same grid as one Slurm job array (submitit, optional)

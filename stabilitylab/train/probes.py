@@ -6,12 +6,13 @@ Every step (cheap; the trainer logs them):
 
 Every N steps, on a fixed probe batch (validation windows) with a fixed h_0, under
 torch.no_grad and touching no RNG that training uses (`Probes.run`):
-    trace            LoopTrace over iterations t = 1..T at trace_depth (model(..., trace=True))
+    trace            LoopTrace over iterations t = 1..T at trace_depth (the loop only: loop_trace)
     spectrum         every eigenvalue of Ā, ρ(Ā) = max|λ|, ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂ and the prelude
                      output norm ‖e‖ (mean per token: the late-explosion signal)
 Every M steps (off by default), on the same batch, state and depth (`analysis_probe`):
     the loop as a dynamical system (stabilitylab.analysis), at the last position (the
-    per-token view: the block ∂F[p]/∂h[p] of the B sequences, n = B · d_state):
+    per-token view: the block ∂F[p]/∂h[p] of the B sequences, n = B · d_state; the
+    Jacobian by the cheaper of a dense per-sequence form and Krylov):
     jacobian_radius  ρ(∂F/∂h) at h_T, and the moduli of its ANALYSIS_K leading eigenvalues
     lyapunov         the ANALYSIS_K leading Lyapunov exponents along h_0 → h_T
 
@@ -30,12 +31,15 @@ import torch
 from torch import Tensor
 
 from stabilitylab import records
-from stabilitylab.analysis import eigenvalues, loop_jacobian, loop_lyapunov, spectral_norm
+from stabilitylab.analysis import eigenvalues, jacobian_spectral_radius, spectral_norm
+from stabilitylab.analysis.maps import batched_jvp, checked_map, math_attention, orthonormal_rows, work_dtype
 from stabilitylab.config import ProbeConfig, resolve_depth
 from stabilitylab.data import Corpus
-from stabilitylab.model import LoopedLM
+from stabilitylab.model import Depth, LoopedLM, LoopTrace
+from stabilitylab.model.looped import _TraceRecorder
 from stabilitylab.store import RunWriter
 
+DENSE_MAX_BLOCK = 256  # analysis probe: dense per-sequence Jacobian blocks up to this d_state, Krylov beyond
 
 
 def grad_norms(roles: dict[str, list[torch.nn.Parameter]], device: torch.device) -> dict[str, Tensor]:
@@ -53,6 +57,15 @@ def state_norms(state: Tensor) -> tuple[Tensor, Tensor]:
     return norms.max(), norms.mean()
 
 
+def loop_trace(model: LoopedLM, tokens: Tensor, depth: int, h0: Tensor) -> LoopTrace:
+    """The LoopTrace of model(tokens, depth=depth, h0=h0, trace=True), without the coda and
+    the head that the forward would run after the loop (the same numbers, bit for bit)."""
+    e = model.encode(tokens)
+    recorder = _TraceRecorder(e, h0)
+    model.loop(model._loop_fn(e, tokens), h0, Depth(depth, 0), recorder)
+    return recorder.result()
+
+
 @dataclass
 class Spectrum:
     """The injection's linear part at one step."""
@@ -66,32 +79,117 @@ class Spectrum:
 
 @torch.no_grad()
 def injection_spectrum(model: LoopedLM) -> Spectrum:
-    """Eigenvalues and norms of Ā, B̄ and C in float64 (stabilitylab.analysis.spectra for Ā:
-    a diagonal Ā is its own eigenvalues). A non-finite Ā has no spectrum: NaN throughout."""
+    """Eigenvalues of Ā and ‖Ā‖₂ in float64 (stabilitylab.analysis.spectra: a diagonal Ā is
+    its own eigenvalues); ‖B̄‖₂ and ‖C‖₂ as the largest singular values, computed on the
+    device in the weights' dtype (torch.linalg.svdvals; float32 agrees with float64 to
+    ~1e-6 relative) and read back in one sync. A non-finite Ā has no spectrum: NaN throughout."""
     A = model.injection.transition().detach().cpu()
-    B = model.injection.input_matrix().detach().double().cpu()
-    C = model.readout.weight.detach().double().cpu()
-    norm_b, norm_c = (float(torch.linalg.matrix_norm(M, 2)) for M in (B, C))
+    norms = [torch.linalg.svdvals(M.detach().float())[0] for M in (model.injection.input_matrix(), model.readout.weight)]
+    norm_b, norm_c = torch.stack(norms).tolist()
     if not torch.isfinite(A).all():
         return Spectrum(torch.empty(0, dtype=torch.complex128), math.nan, math.nan, norm_b, norm_c)
     lam = eigenvalues(A)  # sorted by modulus, descending
     return Spectrum(lam, float(lam[0].abs()), spectral_norm(A), norm_b, norm_c)
 
 
+def last_position_map(model: LoopedLM, tokens: Tensor) -> Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    """For the loop map F(·; e) of `tokens`: h ↦ (F(h), g_h) with g_h(x) = F(h with h[:, p] = x)[:, p]
+    at the last position p = T − 1, the per-token view whose Jacobian is ∂F[p]/∂h[p].
+
+    Under causal attention the positions before p never see p, so their keys and values
+    in every core block are constants of h: they are cached while computing F(h), and
+    g_h runs the core blocks on the single position p against them (Block's `past`). A JVP
+    of g_h then carries its tangent through one position instead of all T. The same
+    numbers as the forward's loop to float rounding (tested against at_position).
+    """
+    e = model.encode(tokens)
+    injection, blocks = model.injection, list(model.core)
+    A, u = injection.transition(), injection.drive(e)
+    P = model.cfg.n_prelude
+    ves = model._value_embeds(tokens, range(P, P + len(blocks)))
+    ropes = [model._rope(block) for block in blocks]
+
+    def step(h: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        z, pasts = injection.step(h, A, u), []
+        for block, rope, ve in zip(blocks, ropes, ves):
+            k, v = block.keys_values(z, rope, ve)
+            pasts.append((k[:, :-1], v[:, :-1]))
+            z = block(z, rope, ve)
+
+        def g(x: Tensor) -> Tensor:
+            y = injection.step(x[:, None], A, u[:, -1:])
+            for block, rope, ve, past in zip(blocks, ropes, ves, pasts):
+                y = block(y, rope, None if ve is None else ve[:, -1:], past)
+            return y[:, 0]
+
+        return z, g
+
+    return step
+
+
+def last_position_lyapunov(step: Callable, h0: Tensor, steps: int, k: int, seed: int = 0) -> tuple[np.ndarray, Tensor]:
+    """(the k leading Lyapunov exponents, h_steps) of the orbit h_{t+1} = F(h_t) from h0, for
+    the per-token cocycle ∂F(h_t)[p]/∂h[p] at the last position: Benettin's QR method
+    (stabilitylab.analysis.lyapunov, the same start frame and order, so the same numbers as
+    loop_lyapunov(position=-1) to float rounding), its k JVPs per step through g_t of
+    last_position_map."""
+    B, _, d = h0.shape
+    work = work_dtype(h0)
+    Q = orthonormal_rows(B * d, k, seed).to(device=h0.device, dtype=work)  # (k, B·d), rows orthonormal
+    h, logs = h0, []
+    for t in range(steps):
+        h_next, g = step(h)
+        if not bool(torch.isfinite(h_next).all()):
+            raise ValueError(f"the orbit left the finite numbers at step {t + 1}: f(h) has non-finite entries")
+        _, Z = batched_jvp(g, h[:, -1], Q.to(h.dtype).view(k, B, d))
+        Qt, R = torch.linalg.qr(Z.reshape(k, B * d).to(work).T)
+        Q, h = Qt.T, h_next
+        logs.append(R.diagonal().abs().double().log())
+    mean = torch.stack(logs).mean(0).cpu()
+    return mean.sort(descending=True, stable=True).values.numpy(), h
+
+
+def last_position_eigenvalues(g: Callable[[Tensor], Tensor], x: Tensor, k: int) -> np.ndarray:
+    """The k leading eigenvalues of the Jacobian of g (a last-position map, x = h[:, −1] of
+    shape (B, d)), by modulus (complex128), picking the cheaper method.
+
+    Sequences do not interact, so that (B·d)-dimensional Jacobian is block diagonal, one
+    d × d block J_b per sequence, and its eigenvalues are the union of the blocks'. Dense:
+    d JVPs in one vmapped call, each pushing the unit vector eᵢ through every sequence at
+    once (column i of every J_b), then B small eigenproblems in float64. Krylov
+    (stabilitylab.analysis, block Arnoldi on the whole B·d state) spends about 350 JVPs
+    for k = 8 at B·d = 256 (measured), so dense wins up to d = DENSE_MAX_BLOCK, Krylov beyond.
+    """
+    checked_map(g, x)
+    B, d = x.shape
+    if d > DENSE_MAX_BLOCK:
+        return jacobian_spectral_radius(g, x, k=k, method="krylov").eigenvalues
+    units = torch.eye(d, dtype=x.dtype, device=x.device)[:, None, :].expand(d, B, d)
+    columns = batched_jvp(g, x, units)[1]  # (d, B, d): J_b eᵢ
+    lam = torch.linalg.eigvals(columns.permute(1, 2, 0).double()).flatten().cpu()
+    lam = lam[torch.argsort(lam.imag, descending=True, stable=True)]  # conjugate pairs: + before −
+    return lam[torch.argsort(lam.abs(), descending=True, stable=True)][:k].numpy()
+
+
+@torch.no_grad()
 def analysis_probe(model: LoopedLM, tokens: Tensor, h0: Tensor, depth: int, step: int, writer: RunWriter) -> None:
-    """The Jacobian spectrum and Lyapunov exponents of the loop at the last position, logged
-    with writer.log_analysis. A loop whose state has overflowed has neither: the reason is
-    logged as a `probe_error` event instead (stabilitylab.analysis refuses non-finite states)."""
+    """The Lyapunov exponents along h_0 → h_T and the Jacobian spectrum at h_T of the loop at
+    the last position (one orbit, last_position_map), logged with writer.log_analysis. A loop
+    whose state has overflowed has neither: the reason is logged as a `probe_error` event."""
     k = min(records.ANALYSIS_K, h0.shape[0] * h0.shape[-1])
     try:
-        jacobian = loop_jacobian(model, tokens, depth, position=-1, h0=h0, k=k)
-        lyapunov = loop_lyapunov(model, tokens, depth, k=k, position=-1, h0=h0)
+        if not bool(torch.isfinite(h0).all()):
+            raise ValueError("the state has non-finite entries")
+        with math_attention():
+            loop = last_position_map(model, tokens)
+            exponents, h = last_position_lyapunov(loop, h0, depth, k)
+            lam = last_position_eigenvalues(loop(h)[1], h[:, -1], k)
     except (ValueError, RuntimeError) as err:
         writer.log_event(step, records.PROBE_ERROR, f"analysis: {err}")
         return
-    writer.log_analysis(records.JACOBIAN_RADIUS, step, jacobian.radius)
-    writer.log_analysis(records.JACOBIAN_MODULI, step, np.abs(jacobian.eigenvalues))
-    writer.log_analysis(records.LYAPUNOV, step, lyapunov.exponents)
+    writer.log_analysis(records.JACOBIAN_RADIUS, step, float(np.abs(lam[0])))
+    writer.log_analysis(records.JACOBIAN_MODULI, step, np.abs(lam))
+    writer.log_analysis(records.LYAPUNOV, step, exponents)
 
 
 class Probes:
@@ -124,8 +222,7 @@ class Probes:
         try:
             if force or (cfg.trace_every and step % cfg.trace_every == 0):
                 with self.autocast():
-                    out = model(self.tokens, depth=self.depth, h0=self.h0, trace=True)
-                trace = out.trace.to_dict()
+                    trace = loop_trace(model, self.tokens, self.depth, self.h0).to_dict()
                 e_norm = trace[records.E_NORM_MEAN]
                 writer.log_trace(step, trace)
             if force or (cfg.spectrum_every and step % cfg.spectrum_every == 0):
@@ -144,4 +241,5 @@ class Probes:
         return rho
 
 
-__all__ = ["grad_norms", "state_norms", "Spectrum", "injection_spectrum", "analysis_probe", "Probes"]
+__all__ = ["grad_norms", "state_norms", "loop_trace", "Spectrum", "injection_spectrum", "last_position_map",
+           "last_position_lyapunov", "last_position_eigenvalues", "analysis_probe", "Probes"]

@@ -40,6 +40,7 @@ from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, 
 from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
+from stabilitylab.train.compiling import compile_blocks, compile_pays, eager
 from stabilitylab.train.divergence import DivergenceMonitor
 from stabilitylab.train.evaluate import evaluate, global_initial_state, stream_seed
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles, set_lr
@@ -127,6 +128,8 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     # fsdp: rank 0 probes a plain copy of the full weights (refreshed before each probe)
     probe_model = (LoopedLM.from_state_dict(cfg, {k: v.clone() for k, v in model.state_dict().items()}, device)
                    if process.main and W > 1 and tc.parallel == "fsdp" else model)
+    if compile_pays(tc, cfg, seq_len, device):
+        compile_blocks(model)  # in place; evaluation and probes run it eagerly (compiling.eager)
     ddp = distributed.wrap(model, process, tc.parallel, tc.param_dtype)  # fsdp shards `model` in place
     optimizers = build_optimizers(model, tc)  # after sharding: FSDP's parameters are the shards
     roles = parameter_roles(model)
@@ -136,7 +139,6 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
         totals, rho = state["totals"], state["rho"]
         torch.set_rng_state(state["rng"].cpu())
     sharded = distributed.is_sharded(model)
-    forward = torch.compile(ddp) if tc.compile else ddp
 
     def autocast() -> contextlib.AbstractContextManager:
         if device.type == "cuda":
@@ -155,7 +157,10 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
                 probe_model.load_state_dict(weights)
         elif not (probes and (force or probes.due(step))):
             return None
-        return probes.run(step, probe_model, writer, force=force) if probes else None
+        if not probes:
+            return None
+        with eager():
+            return probes.run(step, probe_model, writer, force=force)
 
     val_batches = corpus.val_batches(tc.eval_batches, B, seq_len, process.rank, W)
     eval_depths = tc.depths(cfg.mean_recurrence) if cfg.looped else [1]
@@ -182,7 +187,7 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
             depth = sample_depth(cfg, step, tc.seed, B, seq_len)
             h0 = (global_initial_state(model, stream_seed(tc.seed, step, H0_SALT), (B, seq_len), rank_rows, device)
                   if cfg.looped else None)
-            loss, norm_max, norm_mean = _forward_backward(forward, ddp, x.to(device), y.to(device),
+            loss, norm_max, norm_mean = _forward_backward(ddp, x.to(device), y.to(device),
                                                           _take(depth, rank_rows), h0, G, autocast)
             loss, norm_mean = distributed.all_reduce(torch.stack([loss, norm_mean]), "mean")
             norm_max = distributed.all_reduce(norm_max, "max")
@@ -226,7 +231,8 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
             measured = probe(step)
             rho = rho if measured is None else measured
             if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
-                result = evaluate(model, val_batches, eval_depths, tc.seed, B, process, autocast)
+                with eager():
+                    result = evaluate(model, val_batches, eval_depths, tc.seed, B, process, autocast)
                 for depth_value, val_loss in result.items():
                     if writer:
                         writer.log_eval(step, depth_value, {records.VAL_LOSS: val_loss})
@@ -249,7 +255,7 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     return status
 
 
-def _forward_backward(forward, ddp, x, y, depth: Depth, h0, micro_batches: int, autocast):
+def _forward_backward(ddp, x, y, depth: Depth, h0, micro_batches: int, autocast):
     """Forward and backward over the micro-batches of this rank's rows (DDP syncs the
     gradients on the last); returns (mean loss, max ‖h_T‖, mean ‖h_T‖) on the device."""
     loss, norm_max, norm_mean = (torch.zeros((), device=x.device) for _ in range(3))
@@ -258,7 +264,7 @@ def _forward_backward(forward, ddp, x, y, depth: Depth, h0, micro_batches: int, 
         rows = slice(j * size, (j + 1) * size)
         with distributed.sync_context(ddp, last_micro_batch=j == micro_batches - 1):
             with autocast():
-                out = forward(x[rows], y[rows], depth=_take(depth, rows), h0=None if h0 is None else h0[rows])
+                out = ddp(x[rows], y[rows], depth=_take(depth, rows), h0=None if h0 is None else h0[rows])
             (out.loss / micro_batches).backward()
         loss += out.loss.detach().float() / micro_batches
         if out.state is not None:  # None for the GPT baseline
