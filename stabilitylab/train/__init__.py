@@ -6,8 +6,9 @@
     evaluate.py     validation loss at test depths
     checkpoint.py   safetensors weights + resume state
     compiling.py    torch.compile of the blocks where it pays (train.compile = "auto")
-    distributed.py  torchrun / DDP glue
-    sweep.py        a grid of runs, resumable, in parallel processes
+    distributed.py  torchrun glue: DDP, or FSDP2 (train.parallel = "fsdp")
+    sweep.py        a grid of runs, resumable, in parallel processes (longest first)
+    slurm.py        the same grid as one Slurm job array (submitit, optional)
 
 The configs (TrainConfig, ProbeConfig, DivergenceConfig) live in stabilitylab.config; the
 divergence rules and their checkpointed state in stabilitylab.analysis.divergence (the
