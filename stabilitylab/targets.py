@@ -8,7 +8,9 @@ A target is one of
     a checkpoint file      a run's checkpoints/step_N.safetensors (the config and the step
                            come from the run it lies in), or a safetensors file with its
                            run's config.json beside it
-    a parcae_lm directory  config.json + weights (model.imports.load_parcae_checkpoint)
+    a format directory     config.json + weights in an outside format: parcae_lm, hrm_text
+                           (stabilitylab.formats.load; detected from config.json, or forced
+                           with format=)
 
     target = load_target("runs/quick/injection=parcae")          # newest checkpoint
     target = load_target("quick/injection=parcae", lab="runs", step=100)
@@ -44,12 +46,13 @@ from stabilitylab.analysis.bounds import BATCH_BOUNDS, Bounds, CheckReport, Chec
 from stabilitylab.config import ConfigError
 from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig, build_experiment
+from stabilitylab.formats import FORMATS, detect, is_checkpoint_dir
+from stabilitylab.formats import load as load_format
 from stabilitylab.model import LoopedLM
-from stabilitylab.model.imports import is_parcae_checkpoint, load_parcae_checkpoint
 from stabilitylab.store import DB_NAME, DEFAULT_LAB, Run, StoreError, open_run
 from stabilitylab.train.checkpoint import checkpoint_at
 
-KINDS = ("run", "checkpoint", "parcae_lm")
+KINDS = ("run", "checkpoint", *FORMATS)  # a format directory's kind is its format's name
 DEFAULT_SEQ_LEN = 64  # random-token batches: tokens per sequence (capped at the model's block_size)
 
 
@@ -72,9 +75,9 @@ class Batch:
 @dataclass
 class Target:
     """A loaded target. model: eval mode, float32, CPU; kind: one of KINDS; path: the run
-    directory, checkpoint file or parcae_lm directory; step: the checkpoint's training step
-    (None for a parcae_lm directory or a loose checkpoint file); run: the run to record
-    analysis into (None outside a run); experiment: the run's config (None for a parcae_lm
+    directory, checkpoint file or format directory; step: the checkpoint's training step
+    (None for a format directory or a loose checkpoint file); run: the run to record
+    analysis into (None outside a run); experiment: the run's config (None for a format
     directory)."""
 
     model: LoopedLM
@@ -117,23 +120,26 @@ class Target:
         return Batch(x.contiguous(), y.contiguous(), h0)
 
 
-def load_target(ref: str | Path, lab: str | Path = DEFAULT_LAB, step: int | None = None) -> Target:
-    """A Target from a run directory or run id in `lab`, a checkpoint file, or a parcae_lm
-    directory (tried in this order: parcae_lm, run, file). `step` picks a run's checkpoint
-    (default: the newest); it is refused for the other kinds."""
+def load_target(ref: str | Path, lab: str | Path = DEFAULT_LAB, step: int | None = None,
+                format: str | None = None) -> Target:
+    """A Target from a run directory or run id in `lab`, a checkpoint file, or a format
+    directory (tried in this order: format directory, run, file). `step` picks a run's
+    checkpoint (default: the newest); it is refused for the other kinds. `format` forces
+    the format of a directory (else it is detected from its config.json)."""
     path = Path(ref)
-    if is_parcae_checkpoint(path):
-        _no_step(step, path, "a parcae_lm directory holds one checkpoint")
-        model, _ = load_parcae_checkpoint(path)
-        return Target(model.eval(), "parcae_lm", path)
+    if format is not None or is_checkpoint_dir(path):
+        kind = format or detect(path) or "format"
+        _no_step(step, path, f"a {kind} directory holds one checkpoint")
+        model, _ = load_format(path, format)  # an unknown format is refused here, naming model_type
+        return Target(model.eval(), kind, path)
     if (path / DB_NAME).is_file() or (Path(lab) / path / DB_NAME).is_file():
         return _from_run(open_run(ref, lab), step, "run")
     if path.is_file():
         _no_step(step, path, "a checkpoint file holds one step")
         return _from_file(path)
     raise TargetError(path, f"is not a run directory, a run id in lab {lab}, a checkpoint file or a "
-                      "parcae_lm checkpoint directory", "pass one of these (`stabilitylab runs LAB` lists run ids)")
-
+                      f"checkpoint directory of a known format ({', '.join(FORMATS)})",
+                      "pass one of these (`stabilitylab runs LAB` lists run ids)")
 
 def checkpoint_steps(run: Run) -> list[int]:
     """The steps of a run's indexed checkpoints, ascending."""
@@ -157,8 +163,9 @@ def _from_run(run: Run, step: int | None, kind: str) -> Target:
 
 
 def _from_file(path: Path) -> Target:
-    if is_parcae_checkpoint(path.parent):
-        raise TargetError(path, "is the weights file of a parcae_lm checkpoint", f"pass its directory, {path.parent}")
+    if is_checkpoint_dir(path.parent):
+        raise TargetError(path, "is a weights file of a format checkpoint directory",
+                          f"pass its directory, {path.parent}")
     run_dir = path.resolve().parent.parent
     if (run_dir / DB_NAME).is_file():
         run = Run(run_dir)
