@@ -48,7 +48,7 @@ from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig, build_experiment
 from stabilitylab.formats import FORMATS, detect, is_checkpoint_dir
 from stabilitylab.formats import load as load_format
-from stabilitylab.model import LoopedLM
+from stabilitylab.model import LoopedLM, LoopModel
 from stabilitylab.store import DB_NAME, DEFAULT_LAB, Run, StoreError, open_run
 from stabilitylab.train.checkpoint import checkpoint_at
 
@@ -65,7 +65,7 @@ class TargetError(ConfigError):
 
 @dataclass
 class Batch:
-    """tokens (B, T) int64, targets (B, T) int64 (the next tokens), h0 (B, T, d_state)."""
+    """tokens (B, T) int64, targets (B, T) int64 (the next tokens), h0 (B, T, state_dim)."""
 
     tokens: Tensor
     targets: Tensor
@@ -74,13 +74,13 @@ class Batch:
 
 @dataclass
 class Target:
-    """A loaded target. model: eval mode, float32, CPU; kind: one of KINDS; path: the run
+    """A loaded target. model: a loop model (model/interface.py), eval mode, float32, CPU; kind: one of KINDS; path: the run
     directory, checkpoint file or format directory; step: the checkpoint's training step
     (None for a format directory or a loose checkpoint file); run: the run to record
     analysis into (None outside a run); experiment: the run's config (None for a format
     directory)."""
 
-    model: LoopedLM
+    model: LoopModel
     kind: str
     path: Path
     step: int | None = None
@@ -97,26 +97,26 @@ class Target:
         """The fixed batch of the module docstring. seq_len: None = the run's data.seq_len (a
         shorter one truncates its windows) or DEFAULT_SEQ_LEN; seed: None = the run's
         train.seed, or 0. `tokens` replace the corpus or random tokens."""
-        cfg = self.model.cfg
+        model = self.model
         if batch_size < 1 or (seq_len is not None and seq_len < 1):
             raise ConfigError("batch", f"batch_size {batch_size} × seq_len {seq_len} is empty", "pass sizes ≥ 1")
         if seed is None:
             seed = self.experiment.train.seed if self.experiment is not None else 0
         if tokens is not None:
-            x, y = _split_tokens(tokens, cfg.vocab_size)
+            x, y = _split_tokens(tokens, model.vocab_size)
         elif self.experiment is not None:
             x, y = _corpus_windows(self.experiment, batch_size, seq_len)
         else:
-            length = min(DEFAULT_SEQ_LEN, cfg.block_size) if seq_len is None else seq_len
+            length = min(DEFAULT_SEQ_LEN, model.block_size) if seq_len is None else seq_len
             generator = torch.Generator().manual_seed(seed)
-            chunk = torch.randint(0, cfg.vocab_size, (batch_size, length + 1), generator=generator)
+            chunk = torch.randint(0, model.vocab_size, (batch_size, length + 1), generator=generator)
             x, y = chunk[:, :-1], chunk[:, 1:]
-        if x.shape[1] > cfg.block_size:
-            raise ConfigError("seq_len", f"{x.shape[1]} tokens exceed the model's block_size {cfg.block_size}",
+        if x.shape[1] > model.block_size:
+            raise ConfigError("seq_len", f"{x.shape[1]} tokens exceed the model's block_size {model.block_size}",
                               "pass shorter sequences")
-        weight = next(self.model.parameters())
         generator = torch.Generator().manual_seed(seed ^ records.PROBE_SALT)
-        h0 = self.model.draw_state(tuple(x.shape), weight.device, weight.dtype, generator)
+        with torch.no_grad():
+            h0 = model.initial_state(model.encode(x), generator)
         return Batch(x.contiguous(), y.contiguous(), h0)
 
 
