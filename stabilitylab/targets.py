@@ -74,11 +74,11 @@ class Batch:
 
 @dataclass
 class Target:
-    """A loaded target. model: a loop model (model/interface.py), eval mode, float32, CPU; kind: one of KINDS; path: the run
-    directory, checkpoint file or format directory; step: the checkpoint's training step
-    (None for a format directory or a loose checkpoint file); run: the run to record
-    analysis into (None outside a run); experiment: the run's config (None for a format
-    directory)."""
+    """A loaded target. model: a loop model (model/interface.py), eval mode, float32, CPU;
+    kind: one of KINDS; path: the run directory, checkpoint file or format directory; step:
+    the checkpoint's training step (None for a format directory or a loose checkpoint file);
+    run: the run to record analysis into (None outside a run); experiment: the run's config
+    (None for a format directory)."""
 
     model: LoopModel
     kind: str
@@ -230,10 +230,10 @@ def _split_tokens(tokens: np.ndarray, vocab_size: int) -> tuple[Tensor, Tensor]:
 
 
 def check_target(ref: str | Path, bounds: Bounds, settings: CheckSettings, tokens: np.ndarray | None = None,
-                 lab: str | Path = DEFAULT_LAB, step: int | None = None) -> CheckReport:
+                 lab: str | Path = DEFAULT_LAB, step: int | None = None, format: str | None = None) -> CheckReport:
     """analysis.bounds.check_bounds on a target with its batch (what `stabilitylab check` runs);
     `tokens` replace the target's own batch (see Target.batch)."""
-    target = load_target(ref, lab, step)
+    target = load_target(ref, lab, step, format)
     if not any(name in BATCH_BOUNDS for name in bounds.names()):
         return check_bounds(target.model, bounds, settings, label=target.label)
     batch = target.batch(settings.batch_size, settings.seq_len, settings.seed, tokens)

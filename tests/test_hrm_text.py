@@ -18,6 +18,7 @@ from stabilitylab import formats
 from stabilitylab.analysis.bounds import Bounds, CheckSettings
 from stabilitylab.analysis.spectra import loop_jacobian
 from stabilitylab.analyze import analyze
+from stabilitylab.cli import main
 from stabilitylab.formats.files import CheckpointError
 from stabilitylab.formats.hrm_text import HrmTextLoop
 from stabilitylab.model import LoopModel, run_loop
@@ -169,3 +170,14 @@ def test_bad_input_is_refused_in_one_line_naming_file_key_and_fix(copy):
     (copy / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match=r"model_type: 'hrm_texts' is not a format .* hrm_text"):
         formats.load(copy)
+
+
+def test_the_check_verb_runs_on_the_directory_and_refuses_a_wrong_format_with_exit_2(published, capsys, tmp_path):
+    bounds = tmp_path / "bounds.toml"
+    bounds.write_text("[bounds]\nrho_margin = 0.0\nmax_state_growth = 100.0\n[settings]\nbatch_size = 1\n"
+                      "seq_len = 8\n")
+    code = main(["check", str(published), "--bounds", str(bounds), "--format", "hrm_text"])
+    out = capsys.readouterr().out
+    assert code == 0 and "n/a" in out and "max_state_growth" in out
+    code = main(["check", str(published), "--bounds", str(bounds), "--format", "parcae_lm"])
+    assert code == 2 and "_class_name" in capsys.readouterr().err

@@ -317,7 +317,8 @@ def readout_norm_bound(model: LoopModel, ceiling: float) -> BoundResult:
     not applicable to a model that decodes its state without one."""
     readout = getattr(model, "readout", None)
     if not isinstance(readout, torch.nn.Linear):
-        return _not_applicable("max_readout_norm", "‖C‖₂", ceiling, "the state is decoded without a linear readout C")
+        return _not_applicable("max_readout_norm", "‖C‖₂", ceiling,
+                               "the state is decoded without a linear readout C")
     C = readout.weight.detach().double()
     return BoundResult("max_readout_norm", "‖C‖₂", float(torch.linalg.matrix_norm(C, 2)), ceiling)
 

@@ -610,6 +610,6 @@ def save_parcae_checkpoint(model: LoopedLM, path: str | Path, info: ParcaeCheckp
     return path
 
 
-__all__ = ["CheckpointError", "ParcaeCheckpoint", "load", "KeyMapping", "load_parcae_checkpoint", "save_parcae_checkpoint",
-           "is_parcae_checkpoint", "is_parcae_config", "model_config", "parcae_config", "key_map", "from_parcae", "to_parcae",
-           "gpt_split", "value_embedding_layers", "WEIGHT_FILES"]
+__all__ = ["CheckpointError", "ParcaeCheckpoint", "load", "KeyMapping", "load_parcae_checkpoint",
+           "save_parcae_checkpoint", "is_parcae_checkpoint", "is_parcae_config", "model_config", "parcae_config",
+           "key_map", "from_parcae", "to_parcae", "gpt_split", "value_embedding_layers", "WEIGHT_FILES"]
