@@ -388,8 +388,9 @@ def _fit_columns(spec: str, table, names: tuple[str, ...], source: str) -> dict:
     return out
 
 
-TARGET_HELP = "a run directory or run id in --lab, a checkpoint file, or a checkpoint directory (parcae_lm, hrm_text)"
-FORMAT_HELP = "force the format of a checkpoint directory (parcae_lm, hrm_text); default: from its config.json"
+TARGET_HELP = ("a run directory or run id in --lab, a checkpoint file, or a checkpoint directory (parcae_lm, "
+               "hrm_text, huginn)")
+FORMAT_HELP = "force the format of a checkpoint directory (parcae_lm, hrm_text, huginn); default: from its config.json"
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:

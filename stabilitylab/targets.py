@@ -8,7 +8,7 @@ A target is one of
     a checkpoint file      a run's checkpoints/step_N.safetensors (the config and the step
                            come from the run it lies in), or a safetensors file with its
                            run's config.json beside it
-    a format directory     config.json + weights in an outside format: parcae_lm, hrm_text
+    a format directory     config.json + weights in an outside format: parcae_lm, hrm_text, huginn
                            (stabilitylab.formats.load; detected from config.json, or forced
                            with format=)
 
