@@ -25,6 +25,7 @@ import numpy as np
 from stabilitylab import records
 from stabilitylab.analysis import JacobianSpectrum, LyapunovSpectrum, loop_jacobian, loop_lyapunov
 from stabilitylab.config import ConfigError, ProbeConfig, resolve_depth
+from stabilitylab.model.interface import has_loop
 from stabilitylab.store import Run, RunWriter
 from stabilitylab.targets import Target
 
@@ -72,11 +73,11 @@ def analyze(target: Target, jacobian: bool = True, lyapunov: bool = True, depth:
     """Analyse the loop of `target` (see the module docstring). depth and batch_size default
     to the run's probe settings (ProbeConfig's defaults outside a run)."""
     model = target.model
-    if not model.cfg.looped:
+    if not has_loop(model):
         raise ConfigError("target", "is a GPT baseline (looped = false): it has no loop to analyse",
                           "analyse a looped model")
     probes = target.experiment.probes if target.experiment is not None else ProbeConfig()
-    depth = resolve_depth(probes.trace_depth, model.cfg.mean_recurrence) if depth is None else depth
+    depth = resolve_depth(probes.trace_depth, model.mu_rec) if depth is None else depth
     if depth < 1:
         raise ConfigError("depth", f"must be ≥ 1, got {depth}", "pass --depth 1 or more")
     batch = target.batch(probes.batch_size if batch_size is None else batch_size, seq_len, seed, tokens)
@@ -84,7 +85,7 @@ def analyze(target: Target, jacobian: bool = True, lyapunov: bool = True, depth:
     if not -T <= position < T:
         raise ConfigError("position", f"{position} is outside a sequence of {T} tokens",
                           f"use a position in {-T}..{T - 1} (−1: the last token)")
-    k = min(records.ANALYSIS_K, B * model.cfg.state_dim)
+    k = min(records.ANALYSIS_K, B * model.state_dim)
     result = LoopAnalysis(target.label, target.step, depth, position, (B, T))
     try:
         if jacobian:

@@ -8,7 +8,9 @@ A target is one of
     a checkpoint file      a run's checkpoints/step_N.safetensors (the config and the step
                            come from the run it lies in), or a safetensors file with its
                            run's config.json beside it
-    a parcae_lm directory  config.json + weights (model.imports.load_parcae_checkpoint)
+    a format directory     config.json + weights in an outside format: parcae_lm, hrm_text, huginn
+                           (stabilitylab.formats.load; detected from config.json, or forced
+                           with format=)
 
     target = load_target("runs/quick/injection=parcae")          # newest checkpoint
     target = load_target("quick/injection=parcae", lab="runs", step=100)
@@ -44,12 +46,13 @@ from stabilitylab.analysis.bounds import BATCH_BOUNDS, Bounds, CheckReport, Chec
 from stabilitylab.config import ConfigError
 from stabilitylab.data import prepare
 from stabilitylab.experiment import ExperimentConfig, build_experiment
-from stabilitylab.model import LoopedLM
-from stabilitylab.model.imports import is_parcae_checkpoint, load_parcae_checkpoint
+from stabilitylab.formats import FORMATS, detect, is_checkpoint_dir
+from stabilitylab.formats import load as load_format
+from stabilitylab.model import LoopedLM, LoopModel
 from stabilitylab.store import DB_NAME, DEFAULT_LAB, Run, StoreError, open_run
 from stabilitylab.train.checkpoint import checkpoint_at
 
-KINDS = ("run", "checkpoint", "parcae_lm")
+KINDS = ("run", "checkpoint", *FORMATS)  # a format directory's kind is its format's name
 DEFAULT_SEQ_LEN = 64  # random-token batches: tokens per sequence (capped at the model's block_size)
 
 
@@ -62,7 +65,7 @@ class TargetError(ConfigError):
 
 @dataclass
 class Batch:
-    """tokens (B, T) int64, targets (B, T) int64 (the next tokens), h0 (B, T, d_state)."""
+    """tokens (B, T) int64, targets (B, T) int64 (the next tokens), h0 (B, T, state_dim)."""
 
     tokens: Tensor
     targets: Tensor
@@ -71,13 +74,13 @@ class Batch:
 
 @dataclass
 class Target:
-    """A loaded target. model: eval mode, float32, CPU; kind: one of KINDS; path: the run
-    directory, checkpoint file or parcae_lm directory; step: the checkpoint's training step
-    (None for a parcae_lm directory or a loose checkpoint file); run: the run to record
-    analysis into (None outside a run); experiment: the run's config (None for a parcae_lm
-    directory)."""
+    """A loaded target. model: a loop model (model/interface.py), eval mode, float32, CPU;
+    kind: one of KINDS; path: the run directory, checkpoint file or format directory; step:
+    the checkpoint's training step (None for a format directory or a loose checkpoint file);
+    run: the run to record analysis into (None outside a run); experiment: the run's config
+    (None for a format directory)."""
 
-    model: LoopedLM
+    model: LoopModel
     kind: str
     path: Path
     step: int | None = None
@@ -94,46 +97,49 @@ class Target:
         """The fixed batch of the module docstring. seq_len: None = the run's data.seq_len (a
         shorter one truncates its windows) or DEFAULT_SEQ_LEN; seed: None = the run's
         train.seed, or 0. `tokens` replace the corpus or random tokens."""
-        cfg = self.model.cfg
+        model = self.model
         if batch_size < 1 or (seq_len is not None and seq_len < 1):
             raise ConfigError("batch", f"batch_size {batch_size} × seq_len {seq_len} is empty", "pass sizes ≥ 1")
         if seed is None:
             seed = self.experiment.train.seed if self.experiment is not None else 0
         if tokens is not None:
-            x, y = _split_tokens(tokens, cfg.vocab_size)
+            x, y = _split_tokens(tokens, model.vocab_size)
         elif self.experiment is not None:
             x, y = _corpus_windows(self.experiment, batch_size, seq_len)
         else:
-            length = min(DEFAULT_SEQ_LEN, cfg.block_size) if seq_len is None else seq_len
+            length = min(DEFAULT_SEQ_LEN, model.block_size) if seq_len is None else seq_len
             generator = torch.Generator().manual_seed(seed)
-            chunk = torch.randint(0, cfg.vocab_size, (batch_size, length + 1), generator=generator)
+            chunk = torch.randint(0, model.vocab_size, (batch_size, length + 1), generator=generator)
             x, y = chunk[:, :-1], chunk[:, 1:]
-        if x.shape[1] > cfg.block_size:
-            raise ConfigError("seq_len", f"{x.shape[1]} tokens exceed the model's block_size {cfg.block_size}",
+        if x.shape[1] > model.block_size:
+            raise ConfigError("seq_len", f"{x.shape[1]} tokens exceed the model's block_size {model.block_size}",
                               "pass shorter sequences")
-        weight = next(self.model.parameters())
         generator = torch.Generator().manual_seed(seed ^ records.PROBE_SALT)
-        h0 = self.model.draw_state(tuple(x.shape), weight.device, weight.dtype, generator)
+        with torch.no_grad():
+            h0 = model.initial_state(model.encode(x), generator)
         return Batch(x.contiguous(), y.contiguous(), h0)
 
 
-def load_target(ref: str | Path, lab: str | Path = DEFAULT_LAB, step: int | None = None) -> Target:
-    """A Target from a run directory or run id in `lab`, a checkpoint file, or a parcae_lm
-    directory (tried in this order: parcae_lm, run, file). `step` picks a run's checkpoint
-    (default: the newest); it is refused for the other kinds."""
+def load_target(ref: str | Path, lab: str | Path = DEFAULT_LAB, step: int | None = None,
+                format: str | None = None) -> Target:
+    """A Target from a run directory or run id in `lab`, a checkpoint file, or a format
+    directory (tried in this order: format directory, run, file). `step` picks a run's
+    checkpoint (default: the newest); it is refused for the other kinds. `format` forces
+    the format of a directory (else it is detected from its config.json)."""
     path = Path(ref)
-    if is_parcae_checkpoint(path):
-        _no_step(step, path, "a parcae_lm directory holds one checkpoint")
-        model, _ = load_parcae_checkpoint(path)
-        return Target(model.eval(), "parcae_lm", path)
+    if format is not None or is_checkpoint_dir(path):
+        kind = format or detect(path) or "format"
+        _no_step(step, path, f"a {kind} directory holds one checkpoint")
+        model, _ = load_format(path, format)  # an unknown format is refused here, naming model_type
+        return Target(model.eval(), kind, path)
     if (path / DB_NAME).is_file() or (Path(lab) / path / DB_NAME).is_file():
         return _from_run(open_run(ref, lab), step, "run")
     if path.is_file():
         _no_step(step, path, "a checkpoint file holds one step")
         return _from_file(path)
     raise TargetError(path, f"is not a run directory, a run id in lab {lab}, a checkpoint file or a "
-                      "parcae_lm checkpoint directory", "pass one of these (`stabilitylab runs LAB` lists run ids)")
-
+                      f"checkpoint directory of a known format ({', '.join(FORMATS)})",
+                      "pass one of these (`stabilitylab runs LAB` lists run ids)")
 
 def checkpoint_steps(run: Run) -> list[int]:
     """The steps of a run's indexed checkpoints, ascending."""
@@ -157,8 +163,9 @@ def _from_run(run: Run, step: int | None, kind: str) -> Target:
 
 
 def _from_file(path: Path) -> Target:
-    if is_parcae_checkpoint(path.parent):
-        raise TargetError(path, "is the weights file of a parcae_lm checkpoint", f"pass its directory, {path.parent}")
+    if is_checkpoint_dir(path.parent):
+        raise TargetError(path, "is a weights file of a format checkpoint directory",
+                          f"pass its directory, {path.parent}")
     run_dir = path.resolve().parent.parent
     if (run_dir / DB_NAME).is_file():
         run = Run(run_dir)
@@ -223,10 +230,10 @@ def _split_tokens(tokens: np.ndarray, vocab_size: int) -> tuple[Tensor, Tensor]:
 
 
 def check_target(ref: str | Path, bounds: Bounds, settings: CheckSettings, tokens: np.ndarray | None = None,
-                 lab: str | Path = DEFAULT_LAB, step: int | None = None) -> CheckReport:
+                 lab: str | Path = DEFAULT_LAB, step: int | None = None, format: str | None = None) -> CheckReport:
     """analysis.bounds.check_bounds on a target with its batch (what `stabilitylab check` runs);
     `tokens` replace the target's own batch (see Target.batch)."""
-    target = load_target(ref, lab, step)
+    target = load_target(ref, lab, step, format)
     if not any(name in BATCH_BOUNDS for name in bounds.names()):
         return check_bounds(target.model, bounds, settings, label=target.label)
     batch = target.batch(settings.batch_size, settings.seq_len, settings.seed, tokens)

@@ -55,17 +55,15 @@ def _state(model: LoopedLM, tokens: Tensor, h0: Tensor | None) -> Tensor:
 
 
 def _depth(model: LoopedLM, depth: int | None) -> int:
-    return 2 * model.cfg.mean_recurrence if depth is None else depth
+    return 2 * model.mu_rec if depth is None else depth
 
 
 def assert_contractive(model_or_injection: LoopedLM | Injection, margin: float = 0.0,
                        dtype: str = "float32") -> BoundResult:
     """ρ(Ā) < 1 − margin with Ā rounded to `dtype` (exp(−Δa) that rounds to 1.0 fails)."""
     from stabilitylab.analysis.bounds import rho_bound
-    from stabilitylab.model import Injection
 
-    injection = model_or_injection if isinstance(model_or_injection, Injection) else model_or_injection.injection
-    return _verdict(rho_bound(injection, margin, dtype))
+    return _verdict(rho_bound(model_or_injection, margin, dtype))
 
 
 def assert_state_bounded(model: LoopedLM, tokens: Tensor, growth: float = 1.5, depth_multiple: int = 4,

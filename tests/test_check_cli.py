@@ -18,7 +18,7 @@ import torch
 from stabilitylab.cli import main
 from stabilitylab.config import ModelConfig
 from stabilitylab.model import STABLE_BY_CONSTRUCTION, LoopedLM
-from stabilitylab.model.imports import save_parcae_checkpoint
+from stabilitylab.formats.parcae_lm import save_parcae_checkpoint
 from stabilitylab.store import open_run
 from stabilitylab.targets import TargetError, load_target
 from test_imports import build_reference, needs_ref, parcae_lm  # the authors' models, if the ref is set

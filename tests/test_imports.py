@@ -1,4 +1,4 @@
-"""Released Parcae checkpoints (parcae_lm format): load, export, refuse, and match the authors' numbers.
+"""Released Parcae checkpoints (formats/parcae_lm.py): load, export, refuse, and match the authors' numbers.
 
 The tests marked `needs_ref` build the authors' models; they run when STABILITYLAB_PARCAE_REF
 points at the parcae_lm folder (its parent goes on sys.path) and skip otherwise.
@@ -6,6 +6,7 @@ points at the parcae_lm folder (its parent goes on sys.path) and skip otherwise.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -18,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stabilitylab import formats
 from stabilitylab.config import ModelConfig
 from stabilitylab.model import GPT, Depth, LoopedLM
-from stabilitylab.model.imports import (CheckpointError, from_parcae, gpt_split, is_parcae_checkpoint,
-                                        load_parcae_checkpoint, model_config, save_parcae_checkpoint)
+from stabilitylab.formats.parcae_lm import (CheckpointError, from_parcae, gpt_split, is_parcae_checkpoint,
+                                           load_parcae_checkpoint, model_config, save_parcae_checkpoint)
 
 LISTING = Path(__file__).parent / "data" / "parcae_lm_state_dict.txt"
 REF = os.environ.get("STABILITYLAB_PARCAE_REF")
@@ -339,6 +341,29 @@ def test_a_parcae_lm_directory_is_recognised_by_its_config(checkpoint, tmp_path_
     assert is_parcae_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match="weights: none of model.safetensors, pytorch_model.bin, model.pt"):
         load_parcae_checkpoint(checkpoint)
+
+
+def test_the_registry_detects_parcae_lm_and_loads_it_like_the_format_module(model, checkpoint, tmp_path):
+    assert formats.detect(checkpoint) == "parcae_lm"
+    loaded, info = formats.load(checkpoint)
+    assert_same_state(loaded, model)
+    assert info.config_class == "ParcaeConfig"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert formats.detect(other) is None
+    with pytest.raises(CheckpointError, match=r"config.json: model_type: 'llama' is not a format .* known "
+                                              r"model_type values: .*hrm_text"):
+        formats.load(other)
+    with pytest.raises(CheckpointError, match="format: 'llama' is unknown"):
+        formats.load(checkpoint, format="llama")
+
+
+def test_the_old_import_path_still_works_and_warns_that_it_is_deprecated(monkeypatch):
+    monkeypatch.delitem(sys.modules, "stabilitylab.model.imports", raising=False)
+    with pytest.deprecated_call(match="stabilitylab.formats.parcae_lm"):
+        old = importlib.import_module("stabilitylab.model.imports")
+    assert old.load_parcae_checkpoint is load_parcae_checkpoint and old.CheckpointError is CheckpointError
 
 
 # ---- numerical equivalence with the authors' implementation ---------------------------------------

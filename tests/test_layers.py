@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"lazy"},
     "__main__": {"cli"},
 }
+# single files allowed one arrow their room may not take, each with its end date
+EXCEPTIONS = {("stabilitylab/model/imports.py", "formats")}  # the deprecated re-export of parcae_lm: next release
 APPS_ALLOWED = BOTTOM | {"store", "analysis"}  # the dashboard reads the lab through the store
 
 
@@ -65,8 +67,9 @@ def imported_modules(path: Path, module: str, package: str) -> list[tuple[int, s
     return [(line, m) for line, m in found if m == package or m.startswith(package + ".")]
 
 
-def violations(root: Path, allowed: dict[str, set[str]]) -> list[str]:
-    """Every import in the package at `root` that its room's row does not allow."""
+def violations(root: Path, allowed: dict[str, set[str]], exceptions: frozenset = frozenset()) -> list[str]:
+    """Every import in the package at `root` that its room's row does not allow (but for the
+    (file, room) pairs in `exceptions`)."""
     out = []
     for path in sorted(root.rglob("*.py")):
         module = module_name(path, root)
@@ -77,6 +80,8 @@ def violations(root: Path, allowed: dict[str, set[str]]) -> list[str]:
         for line, target in imported_modules(path, module, root.name):
             to = room_of(target)
             # `from stabilitylab import records` names a room as an attribute of the package
+            if (path.relative_to(root.parent).as_posix(), to) in exceptions:
+                continue
             if to != room and to not in allowed[room] and not (target == root.name and room == "__init__"):
                 out.append(f"{path.relative_to(root.parent)}:{line}: {room} → {to} ({target})")
     return out
@@ -92,7 +97,8 @@ def app_violations(apps: Path, package: str, allowed: set[str]) -> list[str]:
 
 
 def test_every_import_in_the_package_follows_an_allowed_arrow():
-    assert not violations(REPO / "stabilitylab", ALLOWED), "\n".join(violations(REPO / "stabilitylab", ALLOWED))
+    found = violations(REPO / "stabilitylab", ALLOWED, EXCEPTIONS)
+    assert not found, "\n".join(found)
 
 
 def test_the_dashboard_imports_only_the_store_analysis_and_the_contract_layer():

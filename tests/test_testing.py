@@ -15,7 +15,7 @@ import torch
 from stabilitylab.analysis.bounds import Bounds
 from stabilitylab.config import ModelConfig
 from stabilitylab.model import STABLE_BY_CONSTRUCTION, LoopedLM
-from stabilitylab.model.imports import save_parcae_checkpoint
+from stabilitylab.formats.parcae_lm import save_parcae_checkpoint
 from stabilitylab.testing import (StabilityError, assert_contractive, assert_depth_extrapolates,
                                   assert_jacobian_radius_below, assert_lyapunov_below, assert_state_bounded,
                                   assert_within_bounds)

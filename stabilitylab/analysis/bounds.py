@@ -24,6 +24,11 @@ settings.position (stabilitylab.analysis.maps.at_position), as the trainer's ana
 A measurement that fails (a state that overflowed, a solver that did not converge) fails
 its bound, with the reason.
 
+Every bound takes any loop model (model/interface.py), not only a LoopedLM. A bound the
+model cannot have is "not applicable" with the reason, and does not fail: rho_margin and
+max_input_norm where linear_part() is None (no injection, as Ouro, or HRM's nested
+states), max_readout_norm where the state is decoded without a linear readout C.
+
     bounds, settings = load_bounds("checks/bounds.toml")
     report = check_bounds(model, bounds, settings, tokens=x, targets=y, h0=h0)
     print(report.table()); report.passed; report.to_dict(); report.junit()
@@ -45,7 +50,8 @@ from torch import Tensor
 from stabilitylab.analysis.lyapunov import loop_lyapunov
 from stabilitylab.analysis.spectra import FLOAT_DTYPES, eigenvalues, loop_jacobian, spectral_radius
 from stabilitylab.config import ConfigError, check_choice, check_numbers, from_dict, number, read_toml
-from stabilitylab.model import Depth, Injection, LoopedLM
+from stabilitylab.model import Injection
+from stabilitylab.model.interface import LinearPart, LoopModel, has_loop, linear_part_reason, run_loop
 
 JACOBIAN_K = 4  # leading eigenvalues the Jacobian bound asks of the solver (the radius is the first)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -101,11 +107,19 @@ class BoundResult:
     allowed: float
     strict: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
+    not_applicable: str | None = None  # why this model cannot have the bound (then it passes, unmeasured)
 
     @property
     def passed(self) -> bool:
-        """False for a NaN measurement; +inf fails every finite bound."""
+        """False for a NaN measurement; +inf fails every finite bound; a bound that is not
+        applicable passes (it says so everywhere it is shown)."""
+        if self.not_applicable is not None:
+            return True
         return self.measured < self.allowed if self.strict else self.measured <= self.allowed
+
+    @property
+    def verdict(self) -> str:
+        return "n/a" if self.not_applicable is not None else "pass" if self.passed else "FAIL"
 
     @property
     def margin(self) -> float:
@@ -118,6 +132,8 @@ class BoundResult:
 
     def message(self) -> str:
         """One line: quantity, measured vs allowed, verdict, and the details."""
+        if self.not_applicable is not None:
+            return f"{self.name}: {self.quantity}: not applicable ({self.not_applicable})"
         verdict = "holds" if self.passed else "FAILS"
         notes = "; ".join(f"{k} {_fmt(v)}" for k, v in self.detail.items())
         return (f"{self.name}: {self.quantity} = {_fmt(self.measured)}, allowed {self.relation} {_fmt(self.allowed)}"
@@ -127,7 +143,8 @@ class BoundResult:
         """Plain JSON: a non-finite measured value or margin is null (the detail says why)."""
         return {"name": self.name, "quantity": self.quantity, "measured": _finite(self.measured),
                 "allowed": self.allowed, "relation": self.relation, "passed": self.passed,
-                "margin": _finite(self.margin), "detail": {k: _finite(v) for k, v in self.detail.items()}}
+                "margin": _finite(self.margin), "detail": {k: _finite(v) for k, v in self.detail.items()},
+                "applicable": self.not_applicable is None, "not_applicable": self.not_applicable}
 
 
 @dataclass
@@ -148,12 +165,14 @@ class CheckReport:
         """bound, measured, allowed, verdict, margin; details indented below a row."""
         rows = [("bound", "quantity", "measured", "allowed", "verdict", "margin")]
         rows += [(r.name, r.quantity, _fmt(r.measured), f"{r.relation} {_fmt(r.allowed)}",
-                  "pass" if r.passed else "FAIL", _fmt(r.margin)) for r in self.results]
+                  r.verdict, _fmt(r.margin)) for r in self.results]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"check of {self.target}"]
         for i, row in enumerate(rows):
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-            if i and self.results[i - 1].detail:
+            if i and self.results[i - 1].not_applicable is not None:
+                lines.append(f"    not applicable: {self.results[i - 1].not_applicable}")
+            elif i and self.results[i - 1].detail:
                 lines.append("    " + "; ".join(f"{k} {_fmt(v)}" for k, v in self.results[i - 1].detail.items()))
         failed = [r.name for r in self.results if not r.passed]
         lines.append(f"{len(failed)} of {len(self.results)} bounds fail: {', '.join(failed)}" if failed
@@ -168,14 +187,18 @@ class CheckReport:
         failures = sum(not r.passed for r in self.results)
         suites = ET.Element("testsuites", name="stabilitylab check", tests=str(len(self.results)),
                             failures=str(failures))
+        skipped = sum(r.not_applicable is not None for r in self.results)
         suite = ET.SubElement(suites, "testsuite", name=f"stabilitylab check {self.target}",
-                              tests=str(len(self.results)), failures=str(failures), errors="0", skipped="0")
+                              tests=str(len(self.results)), failures=str(failures), errors="0",
+                              skipped=str(skipped))
         for r in self.results:
             case = ET.SubElement(suite, "testcase", classname=f"stabilitylab.check.{self.target}", name=r.name)
             props = ET.SubElement(case, "properties")
             for key, value in (("measured", r.measured), ("allowed", r.allowed), ("margin", r.margin)):
                 ET.SubElement(props, "property", name=key, value=repr(float(value)))
-            if not r.passed:
+            if r.not_applicable is not None:
+                ET.SubElement(case, "skipped", message=f"not applicable: {r.not_applicable}")
+            elif not r.passed:
                 failure = ET.SubElement(case, "failure", type="BoundExceeded",
                                         message=f"{r.quantity} = {_fmt(r.measured)}, allowed {r.relation} "
                                                 f"{_fmt(r.allowed)}")
@@ -234,14 +257,31 @@ def exact_log_radius(injection: Injection) -> float | None:
     return float(eigenvalues(log_a).real.max())
 
 
-def rho_bound(injection: Injection, margin: float, dtype: str = "float32") -> BoundResult:
-    """ρ(Ā) < 1 − margin, with Ā rounded to `dtype` (analysis.spectra.spectral_radius); the
-    detail holds the exact-arithmetic ρ and 1 − ρ where the injection has log_transition()."""
+def _linear_part(source: Injection | LoopModel) -> tuple[LinearPart | None, Injection | None]:
+    """(Ā, B̄) of an injection or a loop model (None where it has none), and the injection
+    when there is one (for the exact-arithmetic radius of log_transition())."""
+    if isinstance(source, Injection):
+        return LinearPart(source.transition(), source.input_matrix()), source
+    injection = getattr(source, "injection", None)
+    return source.linear_part(), injection if isinstance(injection, Injection) else None
+
+
+def _not_applicable(name: str, quantity: str, allowed: float, reason: str, strict: bool = False) -> BoundResult:
+    return BoundResult(name, quantity, math.nan, allowed, strict, not_applicable=reason)
+
+
+def rho_bound(source: Injection | LoopModel, margin: float, dtype: str = "float32") -> BoundResult:
+    """ρ(Ā) < 1 − margin, with Ā rounded to `dtype` (analysis.spectra.spectral_radius), of an
+    injection or a loop model's linear_part(); the detail holds the exact-arithmetic ρ and
+    1 − ρ where the injection has log_transition(). Not applicable without a linear part."""
     quantity, detail = f"ρ(Ā) in {dtype}", {}
     try:
         with torch.no_grad():
-            measured = spectral_radius(injection.transition(), dtype=FLOAT_DTYPES[dtype])
-        log_rho = exact_log_radius(injection)
+            part, injection = _linear_part(source)
+            if part is None:
+                return _not_applicable("rho_margin", quantity, 1 - margin, linear_part_reason(source), True)
+            measured = spectral_radius(part.A, dtype=FLOAT_DTYPES[dtype])
+        log_rho = exact_log_radius(injection) if injection is not None else None
     except ValueError as err:
         return _failed("rho_margin", quantity, 1 - margin, True, err, detail)
     if log_rho is not None:
@@ -249,34 +289,43 @@ def rho_bound(injection: Injection, margin: float, dtype: str = "float32") -> Bo
     return BoundResult("rho_margin", quantity, measured, 1 - margin, strict=True, detail=detail)
 
 
-def input_norm_bound(injection: Injection, ceiling: float) -> BoundResult:
-    """‖B̄‖₂ ≤ ceiling (largest singular value, float64)."""
+def input_norm_bound(source: Injection | LoopModel, ceiling: float) -> BoundResult:
+    """‖B̄‖₂ ≤ ceiling (largest singular value, float64); not applicable without a linear part."""
     with torch.no_grad():
-        B = injection.input_matrix().detach().double()
+        part, _ = _linear_part(source)
+        if part is None:
+            return _not_applicable("max_input_norm", "‖B̄‖₂", ceiling, linear_part_reason(source))
+        B = part.B.detach().double()
     return BoundResult("max_input_norm", "‖B̄‖₂", float(torch.linalg.matrix_norm(B, 2)), ceiling)
 
 
-def readout_norm_bound(model: LoopedLM, ceiling: float) -> BoundResult:
-    """‖C‖₂ ≤ ceiling (largest singular value, float64)."""
-    C = model.readout.weight.detach().double()
+def readout_norm_bound(model: LoopModel, ceiling: float) -> BoundResult:
+    """‖C‖₂ ≤ ceiling (largest singular value, float64) of the readout C from the state;
+    not applicable to a model that decodes its state without one."""
+    readout = getattr(model, "readout", None)
+    if not isinstance(readout, torch.nn.Linear):
+        return _not_applicable("max_readout_norm", "‖C‖₂", ceiling,
+                               "the state is decoded without a linear readout C")
+    C = readout.weight.detach().double()
     return BoundResult("max_readout_norm", "‖C‖₂", float(torch.linalg.matrix_norm(C, 2)), ceiling)
 
 
 @torch.no_grad()
-def state_growth_bound(model: LoopedLM, tokens: Tensor, h0: Tensor, ceiling: float,
+def state_growth_bound(model: LoopModel, tokens: Tensor, h0: Tensor, ceiling: float,
                        multiple: int = 4) -> BoundResult:
-    """‖h_T‖ / ‖h_μ‖ ≤ ceiling with T = multiple · μ_rec, from one traced forward at depth T."""
-    mu = model.cfg.mean_recurrence
+    """‖h_T‖ / ‖h_μ‖ ≤ ceiling with T = multiple · μ_rec, the mean per-token state norms along
+    one run of the loop map to depth T."""
+    mu = model.mu_rec
     T = multiple * mu
     quantity = f"‖h_{T}‖ / ‖h_{mu}‖"
     model.eval()
-    norms = model(tokens, depth=Depth(T, 0), h0=h0, trace=True).trace.state_norm_mean.double()
-    growth = float(norms[T - 1] / norms[mu - 1])
-    return BoundResult("max_state_growth", quantity, growth, ceiling,
-                       detail={f"‖h_{mu}‖": float(norms[mu - 1]), f"‖h_{T}‖": float(norms[T - 1])})
+    _, states = run_loop(model, tokens, T, h0)
+    at_mu, at_T = (float(states[t].float().norm(dim=-1).mean()) for t in (mu, T))
+    return BoundResult("max_state_growth", quantity, at_T / at_mu, ceiling,
+                       detail={f"‖h_{mu}‖": at_mu, f"‖h_{T}‖": at_T})
 
 
-def jacobian_bound(model: LoopedLM, tokens: Tensor, h0: Tensor, ceiling: float, depth: int,
+def jacobian_bound(model: LoopModel, tokens: Tensor, h0: Tensor, ceiling: float, depth: int,
                    position: int = -1) -> BoundResult:
     """ρ(∂F/∂h) at h_depth ≤ ceiling, in the per-token view at `position`."""
     quantity, detail = f"ρ(∂F/∂h) at h_{depth}", {"position": position}
@@ -288,7 +337,7 @@ def jacobian_bound(model: LoopedLM, tokens: Tensor, h0: Tensor, ceiling: float, 
                        detail={**detail, "method": spectrum.method, "jvps": spectrum.jvps})
 
 
-def lyapunov_bound(model: LoopedLM, tokens: Tensor, h0: Tensor, ceiling: float, depth: int,
+def lyapunov_bound(model: LoopModel, tokens: Tensor, h0: Tensor, ceiling: float, depth: int,
                    position: int = -1) -> BoundResult:
     """λ₁ along h_0 → h_depth ≤ ceiling (QR method, per-token view at `position`)."""
     quantity, detail = f"λ₁ over {depth} iterations", {"position": position}
@@ -300,38 +349,45 @@ def lyapunov_bound(model: LoopedLM, tokens: Tensor, h0: Tensor, ceiling: float, 
 
 
 @torch.no_grad()
-def depth_loss_bound(model: LoopedLM, tokens: Tensor, targets: Tensor, h0: Tensor, ceiling: float) -> BoundResult:
+def depth_loss_bound(model: LoopModel, tokens: Tensor, targets: Tensor, h0: Tensor, ceiling: float) -> BoundResult:
     """L(2 μ_rec) − L(μ_rec) ≤ ceiling: the loss at twice the trained depth is no worse than at
     the trained depth by more than `ceiling` nats per token (same tokens, same h_0)."""
-    mu = model.cfg.mean_recurrence
+    mu = model.mu_rec
     model.eval()
-    at_mu, at_2mu = (float(model(tokens, targets, depth=Depth(d, 0), h0=h0).loss) for d in (mu, 2 * mu))
+    _, states = run_loop(model, tokens, 2 * mu, h0)
+    at_mu, at_2mu = (_loss(model.decode(states[d], tokens), targets) for d in (mu, 2 * mu))
     return BoundResult("max_depth_loss_increase", f"L({2 * mu}) − L({mu})", at_2mu - at_mu, ceiling,
                        detail={f"L({mu})": at_mu, f"L({2 * mu})": at_2mu})
 
 
+def _loss(logits: Tensor, targets: Tensor) -> float:
+    """Mean next-token cross-entropy, ignore_index −100 (as LoopedLM's forward)."""
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                   ignore_index=-100))
+
+
 # ---- all of them ----------------------------------------------------------------------------------
 
-def default_state(model: LoopedLM, tokens: Tensor, seed: int = 0) -> Tensor:
+@torch.no_grad()
+def default_state(model: LoopModel, tokens: Tensor, seed: int = 0) -> Tensor:
     """h_0 for `tokens` from a generator seeded by `seed`: the same draw on every call."""
-    weight = next(model.parameters())
-    return model.draw_state(tuple(tokens.shape), weight.device, weight.dtype, torch.Generator().manual_seed(seed))
+    return model.initial_state(model.encode(tokens), torch.Generator().manual_seed(seed))
 
 
-def _require_loop(model: LoopedLM) -> None:
-    if not model.cfg.looped:
+def _require_loop(model: LoopModel) -> None:
+    if not has_loop(model):
         raise ConfigError("target", "is a GPT baseline (looped = false): it has no loop to check",
                           "check a looped model")
 
 
-def check_bounds(model: LoopedLM, bounds: Bounds, settings: CheckSettings | None = None,
+def check_bounds(model: LoopModel, bounds: Bounds, settings: CheckSettings | None = None,
                  tokens: Tensor | None = None, targets: Tensor | None = None, h0: Tensor | None = None,
                  label: str = "model") -> CheckReport:
-    """Measure every bound set in `bounds` on `model`. The dynamic bounds need `tokens`
+    """Measure every bound set in `bounds` on a loop model. The dynamic bounds need `tokens`
     (B, T); max_depth_loss_increase also `targets`; h0 defaults to default_state(model, tokens)."""
     settings = settings or CheckSettings()
     _require_loop(model)
-    mu = model.cfg.mean_recurrence
+    mu = model.mu_rec
     need_batch = [n for n in bounds.names() if n in BATCH_BOUNDS]
     if need_batch and tokens is None:
         raise ValueError(f"bounds {', '.join(need_batch)} are measured on a batch: pass tokens=")
@@ -345,8 +401,8 @@ def check_bounds(model: LoopedLM, bounds: Bounds, settings: CheckSettings | None
         h0 = default_state(model, tokens) if h0 is None else h0
     depth = settings.analysis_multiple * mu
     measure: dict[str, Callable[[float], BoundResult]] = {
-        "rho_margin": lambda m: rho_bound(model.injection, m, settings.dtype),
-        "max_input_norm": lambda b: input_norm_bound(model.injection, b),
+        "rho_margin": lambda m: rho_bound(model, m, settings.dtype),
+        "max_input_norm": lambda b: input_norm_bound(model, b),
         "max_readout_norm": lambda c: readout_norm_bound(model, c),
         "max_state_growth": lambda g: state_growth_bound(model, tokens, h0, g, settings.growth_multiple),
         "max_jacobian_radius": lambda r: jacobian_bound(model, tokens, h0, r, depth, settings.position),

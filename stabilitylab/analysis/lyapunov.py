@@ -28,6 +28,7 @@ from torch import Tensor
 
 from stabilitylab.analysis.maps import (Map, batched_jvp, checked_map, loop_state, math_attention, orthonormal_rows,
                                        position_mask, work_dtype)
+from stabilitylab.model.interface import LoopModel
 
 
 @dataclass
@@ -169,9 +170,10 @@ def finite_time_lyapunov(f: Map, h0: Tensor, steps: int, burn_in: int = 0, delta
                               delta=delta)
 
 
-def loop_lyapunov(model: torch.nn.Module, tokens: Tensor, depth: int, k: int = 8, burn_in: int = 0,
+def loop_lyapunov(model: LoopModel, tokens: Tensor, depth: int, k: int = 8, burn_in: int = 0,
                   position: int | None = None, h0: Tensor | None = None, seed: int = 0) -> LyapunovSpectrum:
-    """The k leading Lyapunov exponents of a LoopedLM's own orbit h_0 → h_depth.
+    """The k leading Lyapunov exponents of a loop model's own orbit h_0 → h_depth (LoopedLM
+    or any implementation of model/interface.py).
 
     encode(tokens) → h0 (initial_state, or the given one) → the QR method along depth
     iterations of F, of which the first burn_in only align the tangent frame (so the

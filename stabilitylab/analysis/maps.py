@@ -1,21 +1,20 @@
 """Loop maps as torch functions: checks, batched Jacobian-vector products, and the loop of
-a LoopedLM as a map h → F(h; e).
+any loop model (model/interface.py: LoopedLM, or a published model from formats/) as a
+map h → F(h; e).
 
-The analysis takes any torch map f: h → h (a LoopedLM's `loop_map(e, tokens)` or a
+The analysis takes any torch map f: h → h (a loop model's `loop_map(e, tokens)` or a
 textbook map) and reaches its Jacobian J = ∂f/∂h only through JVPs J v (torch.func.jvp),
 k at a time under torch.func.vmap.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-Map = Callable[[Tensor], Tensor]
+from stabilitylab.model.interface import LoopModel, Map
 
 
 def checked_map(f: Map, h: Tensor) -> Tensor:
@@ -68,11 +67,11 @@ def work_dtype(h: Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def loop_state(model: torch.nn.Module, tokens: Tensor, depth: int,
+def loop_state(model: LoopModel, tokens: Tensor, depth: int,
                h0: Tensor | None = None) -> tuple[Map, Tensor]:
-    """(F, h_depth): the loop map F(·; e) of `model` for `tokens`, and the state after
+    """(F, h_depth): the loop map F(·; e) of a loop model for `tokens`, and the state after
     `depth` iterations h ← F(h) from h0 (default model.initial_state(e), random unless the
-    model's init_state is "zero" or "seeded"). The model is put in eval mode."""
+    model's initial state is deterministic). The model is put in eval mode."""
     if not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be an int ≥ 0, got {depth!r}")
     weight = next(model.parameters())
@@ -82,8 +81,8 @@ def loop_state(model: torch.nn.Module, tokens: Tensor, depth: int,
     e = model.encode(tokens)
     F = model.loop_map(e, tokens)
     h = model.initial_state(e) if h0 is None else h0
-    if h.shape != (*e.shape[:-1], model.cfg.state_dim):
-        raise ValueError(f"h0 has shape {tuple(h.shape)}, the loop state is {(*e.shape[:-1], model.cfg.state_dim)}")
+    if h.shape != (*e.shape[:-1], model.state_dim):
+        raise ValueError(f"h0 has shape {tuple(h.shape)}, the loop state is {(*e.shape[:-1], model.state_dim)}")
     for _ in range(depth):
         h = F(h)
     return F, h

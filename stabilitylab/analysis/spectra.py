@@ -14,8 +14,8 @@ without forming J: a restarted block Arnoldi method on the state's device (batch
 JVPs), ARPACK's implicitly restarted Arnoldi on the host, or block power iteration.
 `method="dense"` forms J with n JVPs and is the reference.
 
-Every function here takes any torch map f: h → h, not only a LoopedLM's loop map
-(see maps.py); `loop_jacobian` is the LoopedLM entry point.
+Every function here takes any torch map f: h → h, not only a model's loop map (see
+maps.py); `loop_jacobian` is the entry point for any loop model (model/interface.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch.func import jvp
 
 from stabilitylab.analysis.maps import (Map, at_position, batched_jvp, checked_map, loop_state, math_attention,
                                        orthonormal_rows, work_dtype)
+from stabilitylab.model.interface import LoopModel
 
 FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -351,12 +352,14 @@ def jacobian_spectral_radius(f: Map, h: Tensor, k: int = 6, method: str = "auto"
     return JacobianSpectrum(radius=float(abs(lam[0])), eigenvalues=lam, method=method, dim=n, jvps=count)
 
 
-# ---- the loop of a LoopedLM --------------------------------------------------------------------------
+# ---- the loop of a loop model --------------------------------------------------------------------------
 
-def loop_jacobian(model: torch.nn.Module, tokens: Tensor, depth: int, position: int | None = None,
+def loop_jacobian(model: LoopModel, tokens: Tensor, depth: int, position: int | None = None,
                   h0: Tensor | None = None, k: int = 6, method: str = "auto", tol: float | None = None,
                   maxiter: int | None = None, seed: int = 0, chunk_size: int | None = None) -> JacobianSpectrum:
-    """The Jacobian spectrum of a LoopedLM's loop map at h_depth.
+    """The Jacobian spectrum of a loop model's loop map at h_depth (LoopedLM or any
+    implementation of model/interface.py: a state (B, T, state_dim), two nested states
+    concatenated).
 
     encode(tokens) → h0 (initial_state, or the given one) → depth iterations of F → the k
     leading eigenvalues of ∂F/∂h there. Whole-sequence view (position=None): the state

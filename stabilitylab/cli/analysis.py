@@ -11,7 +11,9 @@ from pathlib import Path
 from stabilitylab.cli.common import UsageError, add_lab, check_counts
 from stabilitylab.config import ConfigError
 
-TARGET_HELP = "a run directory or run id in --lab, a checkpoint file, or a parcae_lm checkpoint directory"
+TARGET_HELP = ("a run directory or run id in --lab, a checkpoint file, or a checkpoint directory (parcae_lm, "
+               "hrm_text, huginn)")
+FORMAT_HELP = "force the format of a checkpoint directory (parcae_lm, hrm_text, huginn); default: from its config.json"
 LAWS = ("chinchilla", "training", "test-time", "unified")
 
 
@@ -149,6 +151,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="Jacobian spectral radius and Lyapunov exponents of the loop at checkpoints; "
                                        "recorded into the run")
     p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--format", help=FORMAT_HELP)
     p.add_argument("--jacobian", action="store_true", help="the Jacobian spectrum (default: both)")
     p.add_argument("--lyapunov", action="store_true", help="the Lyapunov exponents (default: both)")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
@@ -176,7 +179,7 @@ def analyze(args: argparse.Namespace) -> int:
     if args.all_checkpoints and args.checkpoint is not None:
         raise UsageError("--all-checkpoints", "and --checkpoint both pick checkpoints", "Pass one of them")
     tokens = read_tokens(args.tokens) if args.tokens else None
-    first = load_target(args.target, args.lab, args.checkpoint)
+    first = load_target(args.target, args.lab, args.checkpoint, args.format)
     targets = [first]
     if args.all_checkpoints:
         if first.run is None:
@@ -207,6 +210,7 @@ def add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="check stability bounds (ρ(Ā), norms, growth, Jacobian, Lyapunov, depth "
                                      "loss); exit 1 if one fails")
     p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--format", help=FORMAT_HELP)
     p.add_argument("--bounds", required=True, metavar="FILE", help="bounds TOML, e.g. checks/bounds.toml")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
     p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to check on")
@@ -223,7 +227,7 @@ def check(args: argparse.Namespace) -> int:
 
     bounds, settings = load_bounds(args.bounds)
     tokens = read_tokens(args.tokens) if args.tokens else None
-    report = check_target(args.target, bounds, settings, tokens, args.lab, args.checkpoint)
+    report = check_target(args.target, bounds, settings, tokens, args.lab, args.checkpoint, args.format)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if args.junit:
         try:

@@ -7,7 +7,8 @@
 
 The loop map F is exposed as a pure function of h, so that the analysis
 (Jacobians, Lyapunov exponents under torch.func) and the model's own forward use
-the very same code. With `looped=False` (the GPT baseline) the core blocks run once
+the very same code. LoopedLM implements the loop interface (model/interface.py), which
+is all the analysis asks of a model. With `looped=False` (the GPT baseline) the core blocks run once
 between prelude and coda, with no injection and no C.
 """
 
@@ -26,6 +27,7 @@ from stabilitylab.config import ModelConfig
 from stabilitylab.model.blocks import Block, RMSNorm, rope_table, scaled_orthogonal_
 from stabilitylab.model.depth import Depth
 from stabilitylab.model.injection import make_injection
+from stabilitylab.model.interface import LinearPart
 from stabilitylab.records import E_NORM_MEAN, H0_NORM_MEAN, TRACE_FIELDS
 
 
@@ -156,6 +158,37 @@ class LoopedLM(nn.Module):
                 scaled_orthogonal_(self.readout.weight, self.cfg.std)
             if self.lm_head is not None:
                 scaled_orthogonal_(self.lm_head.weight, self.cfg.std)
+
+    # ---- the loop interface's numbers ------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.cfg.block_size
+
+    @property
+    def state_dim(self) -> int:
+        return self.cfg.state_dim
+
+    @property
+    def mu_rec(self) -> int:
+        return self.cfg.mean_recurrence
+
+    @property
+    def mu_bwd(self) -> int:
+        return self.cfg.mu_bwd
+
+    @property
+    def looped(self) -> bool:
+        return self.cfg.looped
+
+    def linear_part(self) -> LinearPart | None:
+        """(Ā, B̄) of the injection h ↦ Ā h + B̄ e (every injection here is linear); None for a GPT."""
+        if not self.cfg.looped:
+            return None
+        return LinearPart(self.injection.transition(), self.injection.input_matrix())
 
     # ---- pieces -----------------------------------------------------------------------
     def _rope(self, block: Block) -> Tensor | None:
