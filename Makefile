@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo dashboard test test-all bench clean reproduce
+.PHONY: venv demo dashboard test test-all bench clean reproduce warnings
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ reproduce: venv
 	$(BIN)/stabilitylab compact data/reference-lab
 	du -sh data/reference-lab
 	$(BIN)/python experiments/report.py data/reference-lab
+
+# the early-warning benchmark (docs/analysis.md, Forecasting): 18 runs that diverge late,
+# trained by a plain loop with LoopMonitor attached, then every warning scored on them
+warnings: venv
+	$(BIN)/python experiments/monitored.py experiments/warnings/c2_late_divergence.toml --lab $(REPRO_LAB)
+	$(BIN)/stabilitylab events $(REPRO_LAB)/c2_late_divergence --score
 
 dashboard: venv  # `make dashboard LAB=path/to/lab`; without LAB, the reference lab
 	$(BIN)/stabilitylab dashboard $(LAB)

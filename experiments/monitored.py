@@ -1,6 +1,6 @@
 """Train an experiment's cells in a plain PyTorch loop with LoopMonitor attached.
 
-    python experiments/monitored.py experiments/c2_late_divergence.toml --lab runs [--set k=v ...]
+    python experiments/monitored.py experiments/warnings/c2_late_divergence.toml --lab runs [--set k=v ...]
 
 The loop is the trainer's step (train/trainer.py: the same batches, depths, h_0, AdamW /
 Muon groups, schedule and clipping, single process, no grad accumulation; the same
