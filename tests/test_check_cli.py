@@ -212,8 +212,10 @@ def test_analyze_reproduces_the_trainers_analysis_probe_at_each_checkpoint(capsy
     assert code == 0 and "parcae (step 3): depth 6, batch 2×32" in out and "recorded in" in out
     analysed = {(n, s): v for n, s, v in run.analysis().itertuples(index=False)}
     assert analysed.keys() == probed.keys()
+    # the probe evaluates the last position against cached keys and values, analyze the whole
+    # sequence: the same float32 JVPs up to rounding (measured: 1.4e-8 relative)
     for key, values in probed.items():
-        np.testing.assert_allclose(analysed[key], values, rtol=1e-9, err_msg=str(key))
+        np.testing.assert_allclose(analysed[key], values, rtol=1e-6, err_msg=str(key))
     assert run.results()["analyze"] == {"steps": [3, 6], "depth": 6, "position": -1, "batch": [2, 32]}
     assert run.status()["status"] == "finished"
 
