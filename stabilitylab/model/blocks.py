@@ -8,6 +8,10 @@ k in float32, then a parameter-free RMS norm of q and k over head_dim, causal so
 attention with scale 1/√head_dim. An optional value embedding enters as
 v += 2·σ(gate(x[..., :32])) · ve. Out-projections start at zero, so a fresh block is
 the identity.
+
+A block also runs one position at a time: given `past`, the keys and values of the
+positions before it (Block.keys_values), it evaluates the next position alone, as causal
+attention allows (the analysis probe's last-position map, train/probes.py).
 """
 
 from __future__ import annotations
