@@ -48,6 +48,7 @@ def test_compare_page_renders_within_twice_the_store_query(benchmark, lab):
 
     def render():
         st.cache_data.clear()  # cold: every store read happens again
+        st.cache_resource.clear()  # (Compare's per-view bundle of plain arrays too)
         at.run()
 
     times = alternate({"store query": query, "compare page": render}, rounds=5, warmup=1)
