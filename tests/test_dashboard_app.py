@@ -100,8 +100,9 @@ def test_compare_opens_on_the_headline_experiment_unconstrained_beside_constrain
     assert charts(at)[3]["layout"]["yaxis"]["type"] == "log"
     legend = [t["name"] for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"]
     assert legend == ["injection=concat (N=2)", "injection=parcae (N=2)"]  # one entry per group, N shown
-    assert len(at.get("download_button")) == len(charts(at)) == 6  # five panels and the parallel coordinates
-    assert charts(at)[5]["data"][0]["type"] == "parcoords"
+    assert len(at.get("download_button")) == len(charts(at)) == 5
+    at.toggle(key="compare_parallel").set_value(True).run()
+    assert len(charts(at)) == 6 and charts(at)[5]["data"][0]["type"] == "parcoords"
 
 
 def test_compare_widgets_change_the_charts(lab):
@@ -156,7 +157,7 @@ def test_chart_csvs_hold_every_point_while_the_charts_are_downsampled(tmp_path, 
     assert loss.groupby("run")["step"].max().to_dict()[PARCAE] == 2000
     means = [t for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"]
     assert max(len(array(t["y"])) for t in means) <= 602 < 2000  # the chart itself draws a min-max selection
-    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 6  # one CSV per chart
+    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 5  # one CSV per chart
 
 
 def test_compare_without_a_selection_says_what_to_do(lab):

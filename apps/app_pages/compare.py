@@ -210,8 +210,10 @@ st.dataframe(table.assign(group=[group_key[r] for r in rows.index], seed=rows["s
              key="compare_config", column_order=["group", "seed", "status", *table.columns])
 
 grid = fields  # the fields that vary among the shown runs, seeds aside
-if grid and len(rows) > 1:
-    st.subheader("The sweep as parallel coordinates")
+parallel = st.toggle("the sweep as parallel coordinates", key="compare_parallel", disabled=not grid or len(rows) < 2,
+                     help="grid fields → final loss, max ρ(Ā), status; drawn on demand (plotly draws it with "
+                          "WebGL, seconds in a browser without a GPU)")
+if parallel and grid and len(rows) > 1:
     dims = []
     for f in grid:
         values = rows[f]
