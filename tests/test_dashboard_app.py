@@ -100,8 +100,9 @@ def test_compare_opens_on_the_headline_experiment_unconstrained_beside_constrain
     assert charts(at)[3]["layout"]["yaxis"]["type"] == "log"
     legend = [t["name"] for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"]
     assert legend == ["injection=concat (N=2)", "injection=parcae (N=2)"]  # one entry per group, N shown
-    assert len(at.get("download_button")) == len(charts(at)) == 6  # five panels and the parallel coordinates
-    assert charts(at)[5]["data"][0]["type"] == "parcoords"
+    assert len(at.get("download_button")) == len(charts(at)) == 5
+    at.toggle(key="compare_parallel").set_value(True).run()
+    assert len(charts(at)) == 6 and charts(at)[5]["data"][0]["type"] == "parcoords"
 
 
 def test_compare_widgets_change_the_charts(lab):
@@ -156,7 +157,7 @@ def test_chart_csvs_hold_every_point_while_the_charts_are_downsampled(tmp_path, 
     assert loss.groupby("run")["step"].max().to_dict()[PARCAE] == 2000
     means = [t for t in charts(at)[0]["data"] if t.get("showlegend", True) and t["mode"] == "lines"]
     assert max(len(array(t["y"])) for t in means) <= 602 < 2000  # the chart itself draws a min-max selection
-    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 6  # one CSV per chart
+    assert len([f for f in made if f.startswith("compare_")]) == len(charts(at)) == 5  # one CSV per chart
 
 
 def test_compare_without_a_selection_says_what_to_do(lab):
@@ -302,3 +303,35 @@ def test_the_cli_verb_serves_this_app_on_the_given_lab_and_port():
     assert command[command.index("--server.port") + 1] == "8600"
     assert command[command.index("--") + 1:] == ["--lab", "runs/x"]
     assert dashboard_command(None, 8501)[-1] == "--"  # no lab: the app opens the reference lab
+
+
+def test_a_link_opens_its_page_on_the_selection_it_carries(lab):
+    """The Overview's links (the claims', the pair's) carry their selection as query parameters."""
+    at = AppTest.from_file(str(DASHBOARD), default_timeout=TIMEOUT)
+    at.session_state["lab"] = str(lab)
+    at.run()
+    at.query_params["runs"] = f"{PARCAE},{CONCAT}"
+    at.switch_page("app_pages/spectra.py").run()
+    assert (at.selectbox(key="spectra_left").value, at.selectbox(key="spectra_right").value) == (PARCAE, CONCAT)
+    at.switch_page("app_pages/loop.py").run()  # the pair follows to the next page
+    assert (at.selectbox(key="loop_left").value, at.selectbox(key="loop_right").value) == (PARCAE, CONCAT)
+    at.query_params["experiment"] = "live"
+    at.switch_page("app_pages/compare.py").run()
+    assert at.multiselect(key="compare_experiments").value == ["live"]
+    at.query_params["law"] = "unified"
+    at.query_params["experiment"] = "lr-sweep"
+    at.switch_page("app_pages/scaling.py").run()
+    assert at.selectbox(key="scaling_law").value == "unified"
+    assert at.selectbox(key="scaling_experiment_unified").value == "lr-sweep"
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_overview_tells_the_story_of_a_small_lab(lab):
+    at = app(lab)
+    pair = at.table[0].value
+    assert list(pair.columns) == ["concat (left)", "parcae (right)"]
+    assert any("concat diverged @" in m.value for m in at.markdown)
+    lines = {t["name"] for t in charts(at)[0]["data"]}
+    assert lines == {"concat (left)", "parcae (right)"}
+    sweep = next(d.value for d in at.dataframe if "cell" in d.value.columns)  # lr-sweep's pairs: one per seed
+    assert sweep["cell"].tolist() == ["seed=0", "seed=1"] and set(sweep["concat status"]) == {"diverged"}

@@ -39,8 +39,8 @@ def facets_of(rows: pd.DataFrame, by: str) -> tuple[list[str], dict[str, int]]:
         kind = ["constrained" if story.constrained(v) else "unconstrained" for v in rows[INJECTION]]
         facets = [k for k in ("unconstrained", "constrained") if k in kind]
         return facets, {r: facets.index(k) for r, k in zip(rows.index, kind)}
-    values = rows[by].map(story._fmt)
-    facets = sorted(values.unique(), key=story._sortable)
+    values = rows[by].map(story.fmt)
+    facets = sorted(values.unique(), key=story.sortable)
     return facets, {r: facets.index(v) for r, v in zip(rows.index, values)}
 
 
@@ -111,7 +111,7 @@ style = {}
 if len(group_by) > 1:
     firsts = {r: story.label(records_[r], group_by[:1]) for r in rows.index}
     rests = {r: story.label(records_[r], group_by[1:]) for r in rows.index}
-    order = sorted(set(rests.values()), key=lambda v: [story._sortable(p) for p in v.split(", ")])
+    order = sorted(set(rests.values()), key=lambda v: [story.sortable(p) for p in v.split(", ")])
     style = {group_key[r]: (firsts[r], DASHES[order.index(rests[r]) % len(DASHES)]) for r in rows.index}
 
 wanted = tuple(sorted({p[2] for p in panels if p[1] == "scalar"} | ({X_AXES[axis]} - {None})))
@@ -209,9 +209,11 @@ table = rows[columns].astype(str).rename(columns=lambda c: c.removeprefix("confi
 st.dataframe(table.assign(group=[group_key[r] for r in rows.index], seed=rows["seed"], status=rows["status"]),
              key="compare_config", column_order=["group", "seed", "status", *table.columns])
 
-grid = [f for f in fields if rows[f].map(story._key).nunique() > 1]
-if grid and len(rows) > 1:
-    st.subheader("The sweep as parallel coordinates")
+grid = fields  # the fields that vary among the shown runs, seeds aside
+parallel = st.toggle("the sweep as parallel coordinates", key="compare_parallel", disabled=not grid or len(rows) < 2,
+                     help="grid fields → final loss, max ρ(Ā), status; drawn on demand (plotly draws it with "
+                          "WebGL, seconds in a browser without a GPU)")
+if parallel and grid and len(rows) > 1:
     dims = []
     for f in grid:
         values = rows[f]
@@ -222,8 +224,8 @@ if grid and len(rows) > 1:
             if dims[-1]["values"] is not numeric:
                 dims[-1]["label"] = f"log10 {story.short(f)}"
         else:
-            levels = sorted(values.map(story._fmt).unique(), key=story._sortable)
-            dims.append({"label": story.short(f), "values": [levels.index(v) for v in values.map(story._fmt)],
+            levels = sorted(values.map(story.fmt).unique(), key=story.sortable)
+            dims.append({"label": story.short(f), "values": [levels.index(v) for v in values.map(story.fmt)],
                          "tickvals": list(range(len(levels))), "ticktext": levels})
     status_levels = ["finished", "running", "diverged", "failed"]
     dims += [{"label": "final loss", "values": rows["final_loss"].to_numpy(float)},

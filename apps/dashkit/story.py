@@ -73,10 +73,11 @@ def short(column: str) -> str:
 
 def label(row: pd.Series | dict, fields: list[str]) -> str:
     """'injection=concat, lr=0.01' for the given fields of a run."""
-    return ", ".join(f"{short(f)}={_fmt(row[f])}" for f in fields) or "all runs"
+    return ", ".join(f"{short(f)}={fmt(row[f])}" for f in fields) or "all runs"
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
+    """A config value as shown: floats to 3 significant digits (0.0025, 1e+12)."""
     if isinstance(value, float):
         return f"{value:.3g}"
     return _key(value)
@@ -233,19 +234,20 @@ def outcome_grid(runs: pd.DataFrame, extras: pd.DataFrame, experiment: str) -> p
     if len(fields) < 2:
         return None
     members = members.assign(outcome=[outcome(s, k) for s, k in zip(members["status"], members.get("spikes", 0))])
-    members["row"] = members[fields[0]].map(_fmt)
-    members["col"] = [label(r, fields[1:]).replace(", ", "\n") if len(fields) > 2 else _fmt(r[fields[1]])
+    members["row"] = members[fields[0]].map(fmt)
+    members["col"] = [label(r, fields[1:]).replace(", ", "\n") if len(fields) > 2 else fmt(r[fields[1]])
                       for _, r in members.iterrows()]
     counts = members.groupby(["row", "col"])["outcome"].value_counts().unstack(fill_value=0)
     counts = counts.reindex(columns=list(OUTCOMES), fill_value=0).reset_index()
     counts["n"] = counts[list(OUTCOMES)].sum(axis=1)
     counts["worst"] = np.select([counts["diverged"] > 0, counts["spiked"] > 0], [2, 1], 0)
     counts.attrs["fields"] = [short(f) for f in fields]
-    order = {f: sorted(members[f].dropna().unique().tolist(), key=_sortable) for f in fields[:2]}
-    counts.attrs["rows"] = [_fmt(v) for v in order[fields[0]]]
-    counts.attrs["cols"] = [_fmt(v) for v in order[fields[1]]] if len(fields) == 2 else sorted(counts["col"].unique())
+    order = {f: sorted(members[f].dropna().unique().tolist(), key=sortable) for f in fields[:2]}
+    counts.attrs["rows"] = [fmt(v) for v in order[fields[0]]]
+    counts.attrs["cols"] = [fmt(v) for v in order[fields[1]]] if len(fields) == 2 else sorted(counts["col"].unique())
     return counts
 
 
-def _sortable(value):
+def sortable(value):
+    """A sort key that puts numbers in numeric order before text."""
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
