@@ -152,7 +152,7 @@ def test_kill_9_at_a_random_point_loses_only_uncommitted_steps_while_a_reader_re
     assert (status["status"], status["alive"]) == ("running", False)
     run.check()
     kept = assert_prefix(run)
-    assert kept >= max(committed, default=0) and kept >= last
+    assert kept >= max(committed, default=0) and kept >= last, (kept, committed[-3:], last)
     traced, expected = list(run.traces()["state_norm_mean"].steps), list(range(10, kept + 1, 10))
     # a step's trace is logged after its scalars: a flush between the two calls commits the
     # step without its trace, and a kill right then loses only that trace
@@ -160,6 +160,30 @@ def test_kill_9_at_a_random_point_loses_only_uncommitted_steps_while_a_reader_re
     with RunWriter.resume(run_dir, kept) as w:  # a killed run resumes where its last commit ended
         w.log(kept + 1, dict.fromkeys(NAMES, float(kept + 1)))
     assert assert_prefix(Run(run_dir)) == kept + 1 and Run(run_dir).status()["status"] == "finished"
+
+
+RESUME_AND_DIE = f"""
+import os, sys
+from stabilitylab.store import RunWriter
+w = RunWriter.resume(sys.argv[1], int(sys.argv[2]))
+for step in range(int(sys.argv[2]) + 1, int(sys.argv[3]) + 1):
+    w.log(step, dict.fromkeys({NAMES!r}, float(step)))
+w.flush()
+os._exit(0)
+"""
+
+
+def test_a_run_read_from_a_private_copy_sees_every_commit_made_since_the_copy(tmp_path):
+    """A WAL run without its -shm (copied, or a writer's first moments) is read from a
+    private copy; a Run that copied once must copy again after a commit, never serve the old one."""
+    run_dir = write_run(tmp_path, "copied", steps=20, finish=False)
+    shm = run_dir / "run.db-shm"
+    shm.unlink()
+    run = Run(run_dir)
+    assert assert_prefix(run) == 20 and run._copy is not None
+    assert child(RESUME_AND_DIE, str(run_dir), "20", "30").wait(timeout=120) == 0
+    shm.unlink()
+    assert assert_prefix(run) == 30
 
 
 # ---- torn and damaged files ------------------------------------------------------------------

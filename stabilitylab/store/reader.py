@@ -62,7 +62,7 @@ class Run:
         self.path = existing_run(path)
         self.id = run_id or self.path.name
         self.db = self.path / DB_NAME
-        self._copy: Path | None = None
+        self._copy: tuple[Path, tuple[int, ...], weakref.finalize] | None = None  # (copy, its token(), its removal)
         self._held: dict[int, sqlite3.Connection] = {}  # thread id -> the connection of its snapshot()
 
     def __repr__(self) -> str:
@@ -140,14 +140,21 @@ class Run:
         return con
 
     def _private_copy(self) -> Path:
-        if self._copy is None:
+        """A copy of run.db and its -wal, taken again whenever the run committed since the
+        last one (token() changed): a read sees every commit made before it began. A live
+        writer's first moments need it too (run.db already says WAL, its -wal is not there
+        yet), and a stale copy kept from then would hide every later commit."""
+        token = self.token()  # before copying: a commit during the copy makes the next read copy again
+        if self._copy is None or self._copy[1] != token:
+            if self._copy is not None:
+                self._copy[2]()  # remove the stale copy now, not when this Run goes
             tmp = Path(tempfile.mkdtemp(prefix="stabilitylab-run-"))
-            weakref.finalize(self, shutil.rmtree, tmp, True)
+            remove = weakref.finalize(self, shutil.rmtree, tmp, True)
             shutil.copyfile(self.db, tmp / DB_NAME)
             if Path(f"{self.db}-wal").exists():
                 shutil.copyfile(f"{self.db}-wal", tmp / f"{DB_NAME}-wal")
-            self._copy = tmp / DB_NAME
-        return self._copy
+            self._copy = tmp / DB_NAME, token, remove
+        return self._copy[0]
 
     # ---- cheap, without SQLite ----------------------------------------------------------
     def token(self) -> tuple[int, ...]:
