@@ -112,7 +112,9 @@ def test_a_run_being_written_grows_on_screen_without_a_reload(tmp_path):
         assert started.wait(60)
         time.sleep(1)
         with serve(tmp_path / "lab", tmp_path / "streamlit.log") as url, chromium() as page:
-            page.goto(f"{url}/compare")
+            page.goto(url)  # then Compare from the sidebar: a live rerun right after loading /compare by its
+            settle(page)    # URL can land on the default page (see docs/dashboard.md, Behaviour)
+            page.get_by_test_id("stSidebarNav").get_by_role("link", name="Compare", exact=True).click()
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1")
             # null-safe: a live redraw briefly replaces the chart element
             last_step = "document.querySelector('.js-plotly-plot')?._fullLayout?.xaxis?.range?.[1] ?? -1"
