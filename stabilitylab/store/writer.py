@@ -56,6 +56,7 @@ class RunWriter:
         self._lock = _lock_writer(run_dir)
         self._con = None
         self._local: Path | None = None  # publish mode: the node-local database
+        self.publish_seconds = 0.0
         try:
             if publishing.store_mode(run_dir) == "publish":
                 self.publish_seconds = publishing.publish_seconds()
@@ -92,7 +93,7 @@ class RunWriter:
         self._new_columns: list[tuple[int, str]] = []
         self._pending = 0
         self._flush_due = time.monotonic() + flush_seconds
-        self._publish_due = time.monotonic() + getattr(self, "publish_seconds", 0.0)
+        self._publish_due = time.monotonic() + self.publish_seconds
         self._closed = False
 
     # ---- opening ----------------------------------------------------------------------
