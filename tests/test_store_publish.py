@@ -198,3 +198,15 @@ def test_resume_on_a_new_node_continues_from_the_published_snapshot(publish_env,
     run = open_run("r", lab)
     assert run.status()["status"] == "finished"
     assert "resume" in set(run.events().kind)
+
+
+def test_a_removed_checkpoint_leaves_the_published_index_before_its_file_goes(publish_env):
+    lab = publish_env / "lab"
+    with RunWriter.create(lab, "r", {}, experiment="e") as w:
+        for step in (10, 20):
+            w.checkpoint_path(step).parent.mkdir(exist_ok=True)
+            w.checkpoint_path(step).write_bytes(b"w")
+            w.add_checkpoint(step)
+        w.remove_checkpoint(10)
+        run = open_run("r", lab)
+        assert list(run.checkpoints().step) == [20] and not w.checkpoint_path(10).exists()

@@ -273,6 +273,7 @@ class RunWriter:
         with self._writing():
             paths = [p for (p,) in self._con.execute("SELECT path FROM checkpoints WHERE step = ?", (step,))]
             self._con.execute("DELETE FROM checkpoints WHERE step = ?", (step,))
+        self._publish()  # the lab's index drops the files before they go
         for path in paths:
             (self.run_dir / path).unlink(missing_ok=True)
 
