@@ -17,6 +17,7 @@ only code that knows the schema; it imports nothing of stabilitylab but the name
     schema.py   the files, the SQL schema and its version, value encodings, the errors
     writer.py   RunWriter: create, resume, attach; the writer lock and the journal mode
     reader.py   Run (one snapshot per read) and Trace
+    publish.py  a network filesystem: mount-table detection, atomic snapshots of a node-local writer
     lab.py      a lab's runs: find, list, read scalars across runs, compact, export
 """
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from stabilitylab.store import publish as publishing
 from stabilitylab.store.schema import (CHECKPOINT_DIR, CONFIG_NAME, DAMAGED_FIX, DB_NAME, INSERTS, LOCK_NAME,
                                        NAN_BLOB, SCHEMA, STATUSES, STEP_TABLES, StoreError, UnreadableRunError,
                                        check_integrity, check_step, check_version, existing_run, floats_blob,
@@ -40,6 +41,9 @@ class RunWriter:
     `flush_seconds` seconds (checked when something is logged), and at every event,
     checkpoint, status change and close. A kill -9 loses only the rows logged since the
     last flush; the database itself is never corrupted (WAL, synchronous=NORMAL).
+    On a network filesystem (or with STABILITYLAB_STORE_MODE=publish) the writer works on a
+    node-local copy and publishes snapshots onto run.db (store/publish.py): every
+    `publish_seconds`, at every checkpoint, status change and at close.
     Logging the same (name, step) twice keeps the last value. Use a writer from the thread
     that made it (one SQLite connection); one writer per run (writer.lock).
     """
@@ -51,8 +55,15 @@ class RunWriter:
         self._owns_status = owns_status
         self._lock = _lock_writer(run_dir)
         self._con = None
+        self._local: Path | None = None  # publish mode: the node-local database
+        self.publish_seconds = 0.0
         try:
-            self._con = sqlite3.connect(run_dir / DB_NAME, isolation_level=None)
+            if publishing.store_mode(run_dir) == "publish":
+                self.publish_seconds = publishing.publish_seconds()
+                publishing.remove_stale(run_dir)  # a publish a kill interrupted
+                self._local = publishing.scratch_copy(run_dir)
+                publishing.fetch(run_dir, self._local)  # the published snapshot is the truth (any node)
+            self._con = sqlite3.connect(self._local or run_dir / DB_NAME, isolation_level=None)
             check_version(self._con, run_dir / DB_NAME)
             check_integrity(self._con, run_dir / DB_NAME, "refusing to write into it")  # before any write
             if not _journal_mode(self._con, "WAL", patience=10.0):
@@ -64,6 +75,8 @@ class RunWriter:
         except BaseException as err:
             if self._con is not None:
                 self._con.close()
+            if self._local is not None:
+                shutil.rmtree(self._local.parent, ignore_errors=True)
             os.close(self._lock)
             if isinstance(err, sqlite3.OperationalError):
                 raise StoreError(run_dir, f"cannot write to this run ({err})",
@@ -80,6 +93,7 @@ class RunWriter:
         self._new_columns: list[tuple[int, str]] = []
         self._pending = 0
         self._flush_due = time.monotonic() + flush_seconds
+        self._publish_due = time.monotonic() + self.publish_seconds
         self._closed = False
 
     # ---- opening ----------------------------------------------------------------------
@@ -150,6 +164,7 @@ class RunWriter:
                 con.execute("INSERT INTO events (step, kind, detail, time) VALUES (?, 'resume', ?, ?)",
                             (step, f"resumed after step {step}; dropped {dropped} rows recorded beyond it",
                              time.time()))
+            writer._publish()
         except BaseException:
             writer.close()  # release the run: nothing was changed
             raise
@@ -247,6 +262,7 @@ class RunWriter:
         with self._writing():
             self._con.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                               (check_step(step), relative.as_posix(), digest.hexdigest(), size, time.time()))
+        self._publish()  # a resume reads the index from the published snapshot
 
     def remove_checkpoint(self, step: int) -> None:
         """Drop the checkpoint files of `step` from the index, then from disk (a trainer's
@@ -257,6 +273,7 @@ class RunWriter:
         with self._writing():
             paths = [p for (p,) in self._con.execute("SELECT path FROM checkpoints WHERE step = ?", (step,))]
             self._con.execute("DELETE FROM checkpoints WHERE step = ?", (step,))
+        self._publish()  # the lab's index drops the files before they go
         for path in paths:
             (self.run_dir / path).unlink(missing_ok=True)
 
@@ -275,6 +292,7 @@ class RunWriter:
             self._con.execute("INSERT INTO status (time, status, step, reason) VALUES (?, ?, ?, ?)",
                               (time.time(), status, step, str(reason)))
         self.status = status
+        self._publish()
 
     # ---- flushing and closing -----------------------------------------------------------
     def flush(self) -> None:
@@ -301,18 +319,39 @@ class RunWriter:
                 rows.clear()
         self._pending = 0
         self._flush_due = time.monotonic() + self.flush_seconds
+        if self._local is not None and time.monotonic() >= self._publish_due:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Publish mode: replace the lab's run.db by a snapshot of the local database."""
+        if self._local is None:
+            return
+        try:
+            publishing.publish(self._con, self.run_dir)
+        except (OSError, sqlite3.Error) as err:
+            raise StoreError(self.run_dir, f"cannot publish a snapshot to the lab ({err}); the run continues in "
+                                           f"{self._local}",
+                             "free disk space on the lab, then continue the run with --resume") from None
+        self._publish_due = time.monotonic() + self.publish_seconds
 
     def close(self) -> None:
         """Flush, turn the database back into one plain file (when no reader holds it
         open, so a copy of a finished run is just run.db), release the run."""
         if self._closed:
             return
+        published = False
         try:
             self.flush()
-            with contextlib.suppress(sqlite3.OperationalError):  # a full disk: WAL stays, which readers handle
-                _journal_mode(self._con, "DELETE", patience=1.0)  # if a reader stays, the run stays WAL
+            if self._local is not None:
+                self._publish()
+                published = True
+            else:
+                with contextlib.suppress(sqlite3.OperationalError):  # a full disk: WAL stays, readers handle it
+                    _journal_mode(self._con, "DELETE", patience=1.0)  # if a reader stays, the run stays WAL
         finally:
             self._con.close()
+            if published:  # else keep the local database: it may hold more than the lab
+                shutil.rmtree(self._local.parent, ignore_errors=True)
             os.close(self._lock)
             self._closed = True
 
