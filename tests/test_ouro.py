@@ -161,6 +161,24 @@ def test_check_and_analyze_verbs_run_on_the_directory(published, capsys, tmp_pat
     assert "ouro" in (tmp_path / "x.json").read_text()
 
 
+def test_a_tied_head_reads_the_embedding_and_a_differing_stored_head_is_refused(tmp_path):
+    write(tmp_path / "o", tie_word_embeddings=True)
+    model, _ = formats.load(tmp_path / "o")
+    assert model.lm_head is None
+    h = torch.randn(1, 3, SMALL["hidden_size"], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.decode(h), h @ model.model.embed_tokens.weight.T, rtol=0, atol=0)
+    index = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    part = load_file(tmp_path / "o" / shard)
+    save_file({**part, "lm_head.weight": torch.zeros(SMALL["vocab_size"], SMALL["hidden_size"])},
+              tmp_path / "o" / shard)
+    index["weight_map"]["lm_head.weight"] = shard
+    (tmp_path / "o" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight: differs from model.embed_tokens.weight .* set "
+                                              r"tie_word_embeddings to false"):
+        formats.load(tmp_path / "o")
+
+
 def test_bfloat16_weights_load_as_asked(tmp_path):
     write(tmp_path / "o", dtype=torch.bfloat16)
     model, _ = formats.load(tmp_path / "o", dtype=torch.bfloat16)
