@@ -115,7 +115,7 @@ def test_the_published_layout_loads_into_the_loop_interface_with_no_linear_part(
     x = tokens()
     torch.testing.assert_close(run_loop(model, x, 3)[0], run_loop(ours, x, 3)[0], rtol=0, atol=0)
     assert model.linear_part() is None and "no input injection" in model.no_linear_part
-    assert (model.mu_rec, model.mu_bwd, model.state_dim) == (4, 4, 32)
+    assert (model.mu_rec, model.mu_bwd, model.state_dim, model.exit_threshold) == (4, 4, 32, 1.0)
     assert rho_bound(model, 0.0).not_applicable
     torch.testing.assert_close(model.initial_state(model.encode(x)), model.model.embed_tokens(x), rtol=0, atol=0)
 

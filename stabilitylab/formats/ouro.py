@@ -199,6 +199,7 @@ class OuroLoop(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
         self.vocab_size, self.block_size, self.state_dim = cfg.vocab_size, cfg.block_size, cfg.d
         self.mu_rec = self.mu_bwd = cfg.mu_rec
+        self.exit_threshold = cfg.exit_threshold  # the authors' exit rule: first t with Σ_{s≤t} p_s ≥ this
 
     def encode(self, tokens: Tensor) -> Tensor:
         """e = embed_tokens(tokens)."""
