@@ -8,8 +8,8 @@ A target is one of
     a checkpoint file      a run's checkpoints/step_N.safetensors (the config and the step
                            come from the run it lies in), or a safetensors file with its
                            run's config.json beside it
-    a format directory     config.json + weights in an outside format: parcae_lm, hrm_text, huginn
-                           (stabilitylab.formats.load; detected from config.json, or forced
+    a format directory     config.json + weights in an outside format: parcae_lm, hrm_text, huginn,
+                           ouro (stabilitylab.formats.load; detected from config.json, or forced
                            with format=)
 
     target = load_target("runs/quick/injection=parcae")          # newest checkpoint

@@ -12,8 +12,8 @@ from stabilitylab.cli.common import UsageError, add_lab, check_counts
 from stabilitylab.config import ConfigError
 
 TARGET_HELP = ("a run directory or run id in --lab, a checkpoint file, or a checkpoint directory (parcae_lm, "
-               "hrm_text, huginn)")
-FORMAT_HELP = "force the format of a checkpoint directory (parcae_lm, hrm_text, huginn); default: from its config.json"
+               "hrm_text, huginn, ouro)")
+FORMAT_HELP = "force the format of a checkpoint directory (parcae_lm, hrm_text, huginn, ouro); default: from its config.json"
 LAWS = ("chinchilla", "training", "test-time", "unified")
 
 

@@ -7,6 +7,7 @@ One module per format; this registry picks one from the directory's config.json:
 | parcae_lm   | "_class_name" ParcaeConfig / GPTConfig (layout)   | formats/parcae_lm.py   |
 | hrm_text    | "model_type": "hrm_text"                          | formats/hrm_text.py    |
 | huginn      | "model_type": "huginn_raven"                      | formats/huginn.py      |
+| ouro        | "model_type": "ouro"                              | formats/ouro.py        |
 
     model, info = load("parcae-140m/")                        # detected from config.json
     model, info = load("hrm/", format="hrm_text", dtype=torch.bfloat16)
@@ -44,6 +45,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("parcae_lm", "stabilitylab.formats.parcae_lm"),
     Format("hrm_text", "stabilitylab.formats.hrm_text", ("hrm_text",)),
     Format("huginn", "stabilitylab.formats.huginn", ("huginn_raven",)),
+    Format("ouro", "stabilitylab.formats.ouro", ("ouro",)),
 )}
 MODEL_TYPES = {t: f.name for f in FORMATS.values() for t in f.model_types}
 
