@@ -519,7 +519,7 @@ def test_the_store_module_imports_no_torch_and_no_model_code():
     assert result.returncode == 0, result.stderr
     loaded = ast.literal_eval(result.stdout)
     assert set(loaded) - {"stabilitylab", "stabilitylab.records"} == {
-        f"stabilitylab.store{part}" for part in ("", ".schema", ".writer", ".reader", ".lab")}
+        f"stabilitylab.store{part}" for part in ("", ".schema", ".writer", ".reader", ".lab", ".publish")}
 
 
 # ---- command line ----------------------------------------------------------------------

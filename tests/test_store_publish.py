@@ -210,3 +210,17 @@ def test_a_removed_checkpoint_leaves_the_published_index_before_its_file_goes(pu
         w.remove_checkpoint(10)
         run = open_run("r", lab)
         assert list(run.checkpoints().step) == [20] and not w.checkpoint_path(10).exists()
+
+
+def test_a_publish_that_fails_keeps_the_scratch_copy_and_names_it(publish_env, monkeypatch):
+    from stabilitylab.store import publish as publishing
+
+    lab = publish_env / "lab"
+    with pytest.raises(StoreError, match="cannot publish a snapshot to the lab .*the run continues in"):
+        with RunWriter.create(lab, "r", {}, experiment="e") as w:
+            w.log(1, {"loss": 1.0})
+            monkeypatch.setattr(publishing, "publish", lambda con, run_dir: (_ for _ in ()).throw(OSError(28, "full")))
+    local = sqlite3.connect(w._local)
+    assert local.execute("SELECT status FROM status ORDER BY id DESC LIMIT 1").fetchone() == ("finished",)
+    local.close()
+    assert open_run("r", lab).status()["status"] == "running"  # the lab keeps the last good snapshot

@@ -380,6 +380,8 @@ class RunWriter:
         try:
             self.set_status("failed", reason=reason)
         except StoreError:
+            if self.status != "running":
+                raise  # written locally, only the publish failed: close keeps the scratch copy and says where
             lost = self._discard()
             with contextlib.suppress(sqlite3.Error):  # move the -wal into run.db and start it over
                 self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
