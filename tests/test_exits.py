@@ -129,3 +129,73 @@ def test_report_renders_and_serialises():
     assert "predicted vs measured" in report.text()
     import json
     json.dumps(report.to_dict())
+
+
+# ---- the verbs on every family and on a trained run ------------------------------------------------
+
+def cli(capsys, *argv):
+    from stabilitylab.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """A small random checkpoint of each family in its published layout."""
+    from test_hrm_text import reference
+    from test_huginn import write as write_huginn
+
+    from stabilitylab.config import ModelConfig
+    from stabilitylab.formats.parcae_lm import save_parcae_checkpoint
+    from stabilitylab.model import LoopedLM
+
+    root = tmp_path_factory.mktemp("families")
+    torch.manual_seed(0)
+    small = dict(vocab_size=96, block_size=32, d_model=64, n_heads=2, n_prelude=1, n_core=2, n_coda=1,
+                 mean_recurrence=4, backprop_depth=2)
+    dirs = {"parcae_lm": save_parcae_checkpoint(LoopedLM(ModelConfig(**small)), root / "parcae")}
+    write_huginn(root / "huginn")
+    dirs["huginn"] = root / "huginn"
+    reference().save_pretrained(root / "hrm")
+    dirs["hrm_text"] = root / "hrm"
+    return dirs
+
+
+@pytest.mark.parametrize("family", ["parcae_lm", "huginn", "hrm_text"])
+def test_exit_and_trace_run_on_a_random_checkpoint_of_each_family(capsys, family_dirs, family, tmp_path):
+    import json
+
+    path = family_dirs[family]
+    code, out, err = cli(capsys, "exit", path, "--max-depth", 6, "--batch", 1, "--seq-len", 12,
+                         "--out", tmp_path / "exit.json")
+    assert code == 0, err
+    assert "latent" in out and "predicted vs measured" in out and "gate: not measured" in out
+    report = json.loads((tmp_path / "exit.json").read_text())
+    assert report["max_depth"] == 6 and len(report["loss_by_depth"]) == 6
+    assert all(1 <= t <= 6 for p in report["predictions"] for t in p["predicted"] + p["measured"])
+    code, out, err = cli(capsys, "trace", path, "--depth", 3, "--batch", 1)
+    assert code == 0, err
+    assert out.count("\n") >= 5 and "rel. resid." in out
+
+
+def test_exit_refuses_bad_flags_with_exit_2(capsys, family_dirs):
+    path = family_dirs["parcae_lm"]
+    assert cli(capsys, "exit", path, "--criterion", "nope")[0] == 2
+    assert cli(capsys, "exit", path, "--criterion", "gate")[0] == 2  # no gate on this model
+    assert cli(capsys, "exit", path, "--max-depth", 1)[0] == 2
+    assert cli(capsys, "exit", path, "--eps", "-1")[0] == 2
+
+
+def test_exit_records_into_a_trained_run(capsys, pushed_lab):
+    from stabilitylab import records
+    from stabilitylab.store import open_run
+
+    run_id = sorted(p.name for p in pushed_lab.iterdir() if p.is_dir())[0]
+    code, out, err = cli(capsys, "exit", run_id, "--lab", pushed_lab, "--batch", 1, "--seq-len", 16)
+    assert code == 0, err and "recorded in" in out
+    run = open_run(run_id, pushed_lab)
+    assert run.results()[records.EXIT_RESULT]["max_depth"] >= 2
+    code, out, err = cli(capsys, "trace", run_id, "--lab", pushed_lab, "--depth", 2)
+    assert code == 0, err

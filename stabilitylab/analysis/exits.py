@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
+from stabilitylab import records
 from stabilitylab.model.interface import LoopModel
 
 CRITERIA = ("latent", "kl", "entropy", "argmax", "gate")
@@ -255,5 +256,19 @@ def measure(model: LoopModel, tokens: Tensor, targets: Tensor, max_depth: int | 
     return ExitReport(target, step, D, mu, tuple(tokens.shape), by_depth, ref, curves, predictions, skipped)
 
 
+def record(run, reports: list[ExitReport]) -> None:
+    """Write exit reports into a run (RunWriter.attach: status and history untouched): the
+    arrays under records.EXIT_ARRAYS at each checkpoint step, the last report as the result."""
+    from stabilitylab.store import RunWriter
+
+    with RunWriter.attach(run.path) as writer:
+        for r in reports:
+            writer.log_analysis(records.EXIT_LOSS_BY_DEPTH, r.step, r.loss_by_depth)
+            if r.predictions:
+                writer.log_analysis(records.EXIT_PRED_CORR, r.step, [p.corr for p in r.predictions])
+                writer.log_analysis(records.EXIT_PRED_ERROR, r.step, [p.median_abs_error for p in r.predictions])
+        writer.save_result(records.EXIT_RESULT, reports[-1].to_dict())
+
+
 __all__ = ["CRITERIA", "DEFAULT_EPS", "DELTAS", "ExitPoint", "ExitCurve", "ExitPrediction", "ExitReport",
-           "Rollout", "rollout", "first_true", "exit_depths", "exit_loss", "predict_latent", "prediction", "measure"]
+           "Rollout", "rollout", "first_true", "exit_depths", "exit_loss", "predict_latent", "prediction", "measure", "record"]
