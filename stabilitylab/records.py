@@ -55,7 +55,7 @@ EXIT_LOSS_BY_DEPTH = "exit_loss_by_depth"  # loss of the readout at t = 1..D (no
 EXIT_PRED_CORR = "exit_pred_corr"  # Pearson r of predicted vs measured latent exit depth, one per ε
 EXIT_PRED_ERROR = "exit_pred_median_error"  # median |predicted − measured| exit depth, one per ε
 EXIT_ARRAYS = (EXIT_LOSS_BY_DEPTH, EXIT_PRED_CORR, EXIT_PRED_ERROR)
-EXIT_RESULT = "exit"  # the run's result document: the whole ExitReport (curves, per-token predictions)
+EXIT_RESULT = "exit_report"  # the run's result document: the whole ExitReport (curves, per-token predictions)
 
 # ---- evaluations (`RunWriter.log_eval`): one value per (step, test-time depth) -------------
 VAL_LOSS = "val_loss"  # validation loss, nats per token

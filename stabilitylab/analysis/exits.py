@@ -110,7 +110,7 @@ class ExitReport:
         for c in self.curves:
             saved = "  ".join(f"δ={d:g}: " + ("—" if s is None else f"{100 * s:.0f}%") for d, s in c.saved.items())
             lines.append(f"  {c.criterion:<8} saved vs μ_rec  {saved}")
-            lines.append(f"    {'eps':>8} {'mean t':>7} {'max t':>6} {'loss':>8}")
+            lines.append(f"    {'eps':>8} {'mean t':>7} {'max t':>6} {'L':>8}")
             lines += [f"    {p.eps:8.3g} {p.mean_depth:7.2f} {p.max_depth:6d} {p.loss:8.4f}" for p in c.points]
         for p in self.predictions:
             lines.append(f"  predicted vs measured (latent, ε={p.eps:g}): r = {p.corr:.3f}, median |err| = "
