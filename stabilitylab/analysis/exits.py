@@ -23,7 +23,7 @@ r₀ := r_1/‖h_1‖ it reaches ε after ⌈log(ε/r₀)/log q⌉ more steps:
 
 (q ≥ 1: no exit predicted, t_pred = D). It is exact for h ↦ a·h + b with a scalar per token
 when ‖h_t‖ stays put (the fixed point dominates the state); elsewhere its error is what
-`ExitPrediction` reports (Spearman-free: Pearson r of predicted vs measured, median |error|).
+`ExitPrediction` reports (Pearson r of predicted vs measured, median |error|, fraction exact).
 """
 
 from __future__ import annotations
