@@ -50,6 +50,13 @@ LYAPUNOV = "lyapunov"  # the leading finite-time Lyapunov exponents
 ANALYSIS_ARRAYS = (JACOBIAN_RADIUS, JACOBIAN_MODULI, LYAPUNOV)
 ANALYSIS_K = 8  # eigenvalues and exponents per analysis probe
 
+# ---- adaptive exit (`stabilitylab exit`, analysis/exits.py): arrays at the checkpoint step -----
+EXIT_LOSS_BY_DEPTH = "exit_loss_by_depth"  # loss of the readout at t = 1..D (no exit)
+EXIT_PRED_CORR = "exit_pred_corr"  # Pearson r of predicted vs measured latent exit depth, one per ε
+EXIT_PRED_ERROR = "exit_pred_median_error"  # median |predicted − measured| exit depth, one per ε
+EXIT_ARRAYS = (EXIT_LOSS_BY_DEPTH, EXIT_PRED_CORR, EXIT_PRED_ERROR)
+EXIT_RESULT = "exit_report"  # the run's result document: the whole ExitReport (curves, per-token predictions)
+
 # ---- evaluations (`RunWriter.log_eval`): one value per (step, test-time depth) -------------
 VAL_LOSS = "val_loss"  # validation loss, nats per token
 
@@ -88,5 +95,6 @@ __all__ = ["LOSS", "LR", "GRAD_NORM", "GRAD_NORM_ROLE", "TOKENS_PER_S", "TOKENS"
            "TRACE_STATE_NORM_MEAN", "TRACE_STATE_NORM_MAX", "TRACE_DELTA_NORM_MEAN",
            "TRACE_REL_RESIDUAL", "TRACE_COSINE", "TRACE_FIELDS", "E_NORM_MEAN", "H0_NORM_MEAN", "RHO", "NORM_A", "NORM_B", "NORM_C", "NORM_E",
            "SPECTRUM_FIELDS", "JACOBIAN_RADIUS", "JACOBIAN_MODULI", "LYAPUNOV", "ANALYSIS_ARRAYS", "ANALYSIS_K",
+           "EXIT_LOSS_BY_DEPTH", "EXIT_PRED_CORR", "EXIT_PRED_ERROR", "EXIT_ARRAYS", "EXIT_RESULT",
            "VAL_LOSS", "SPIKE", "DIVERGENCE", "EARLY_WARNING", "PROBE_ERROR", "EVENT_KINDS", "PROBE_SALT",
            "EVAL_SALT", "BATCH_SALT", "CONFIG_PREFIX", "dotted"]

@@ -48,7 +48,7 @@ def test_every_verb_has_a_handler():
     parser = build_parser()
     verbs = parser._subparsers._group_actions[0].choices
     assert {"train", "sweep", "eval", "data", "runs", "export", "compact", "trace", "fit", "analyze", "check",
-            "events", "dashboard"} == set(verbs)
+            "events", "exit", "dashboard"} == set(verbs)
     for name, sub in verbs.items():
         if name != "data":
             assert callable(sub.get_default("handler")), name

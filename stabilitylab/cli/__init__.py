@@ -2,7 +2,7 @@
 
     cli/train.py      data prepare, train, sweep, eval       (verbs that make runs)
     cli/inspect.py    trace, runs, export, compact, dashboard (verbs that look)
-    cli/analysis.py   fit, analyze, check, events             (verbs that analyse)
+    cli/analysis.py   fit, analyze, check, exit, events         (verbs that analyse)
     cli/common.py     UsageError, the shared flags, the run summary line
 
 Each verb is a handler `verb(args) -> exit code` plus an `add_verb(subparsers)` parser
@@ -24,7 +24,7 @@ from stabilitylab.cli.inspect import dashboard_command
 
 VERBS = (inspect.add_trace, train.add_data, train.add_train, train.add_sweep, train.add_eval, inspect.add_runs,
          inspect.add_export, inspect.add_compact, analysis.add_fit, analysis.add_analyze, analysis.add_check,
-         analysis.add_events, inspect.add_dashboard)  # in the order `stabilitylab --help` lists them
+         analysis.add_exit, analysis.add_events, inspect.add_dashboard)  # in the order `stabilitylab --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

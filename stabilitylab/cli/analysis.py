@@ -237,6 +237,70 @@ def check(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+# ---- exit -----------------------------------------------------------------------------------------
+
+def add_exit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("exit", help="adaptive exit: per-token exit depth under Huginn's criteria and an exit gate, "
+                                    "loss vs mean depth, compute saved, predicted vs measured; recorded into the run")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--format", help=FORMAT_HELP)
+    p.add_argument("--criterion", action="append", metavar="NAME",
+                   help="latent, kl, entropy, argmax or gate (repeatable; default: all, gate where the model has one)")
+    p.add_argument("--eps", action="append", type=float, metavar="X",
+                   help="thresholds for every chosen criterion (repeatable; default: per-criterion grids; argmax: k)")
+    p.add_argument("--max-depth", type=int, metavar="N", help="loop iterations to run (default 2·μ_rec)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
+    p.add_argument("--batch", type=int, default=2, metavar="N", help="sequences (default 2)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default: the run's data.seq_len, "
+                                                            "else 64 random tokens)")
+    p.add_argument("--seed", type=int, help="random tokens and h_0 (default: the run's train.seed, else 0)")
+    p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to measure on")
+    p.add_argument("--out", metavar="FILE.json", help="also write the report as JSON")
+    add_lab(p, "lab holding a run id")
+    p.set_defaults(handler=exit_)
+
+
+def exit_(args: argparse.Namespace) -> int:
+    """Measure adaptive exit on a target, print it, record it into the run (when it is one)."""
+    from stabilitylab.analysis import exits
+    from stabilitylab.model.interface import has_loop
+    from stabilitylab.targets import load_target, read_tokens
+
+    check_counts(args, max_depth=2, batch=1, seq_len=1)
+    criteria = tuple(dict.fromkeys(args.criterion or exits.CRITERIA))
+    unknown = [c for c in criteria if c not in exits.CRITERIA]
+    if unknown:
+        raise UsageError("--criterion", f"{unknown[0]!r} is not a criterion", f"Choose from {', '.join(exits.CRITERIA)}")
+    if args.eps and "argmax" in criteria and any(x < 1 or x != int(x) for x in args.eps):
+        raise UsageError("--eps", "argmax takes a whole number of steps k ≥ 1", "Pass --criterion argmax alone with "
+                                                                                "--eps 1, 2, ...")
+    if args.eps and any(x <= 0 for x in args.eps):
+        raise UsageError("--eps", "thresholds must be > 0", "Pass positive values")
+    tokens = read_tokens(args.tokens) if args.tokens else None
+    target = load_target(args.target, args.lab, args.checkpoint, args.format)
+    if not has_loop(target.model):
+        raise UsageError(str(target.path), "is a GPT baseline (looped = false): it has no loop to exit from",
+                         "Pass a looped model")
+    if target.run is not None and target.run.alive():
+        raise UsageError(str(target.path), "is being written by a live trainer", "Measure it once it has stopped")
+    if "gate" in criteria and args.criterion and not hasattr(target.model, "exit_probability"):
+        raise UsageError("--criterion", f"{target.label} has no exit gate", "Drop --criterion gate")
+    batch = target.batch(args.batch, args.seq_len, args.seed, tokens)
+    eps = {c: tuple(args.eps) for c in criteria} if args.eps else None
+    report = exits.measure(target.model, batch.tokens, batch.targets, args.max_depth, criteria, eps, h0=batch.h0,
+                           target=target.label, step=target.step)
+    print(report.text())
+    if target.run is not None:
+        exits.record(target.run, [report])
+        print(f"recorded in {target.run.path}")
+    if args.out:
+        try:
+            Path(args.out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        except OSError as err:
+            raise UsageError("--out", f"cannot write {args.out}: {err.strerror}", "Pass a writable path") from None
+    return 0
+
+
 # ---- events ---------------------------------------------------------------------------------------
 
 def add_events(sub: argparse._SubParsersAction) -> None:
@@ -333,5 +397,5 @@ def lead_text(w) -> str:
     return f"{abs(w.lead_steps)} steps{seen} {'before' if w.lead_steps >= 0 else 'after'} the divergence"
 
 
-__all__ = ["add_fit", "fit", "fit_columns", "add_analyze", "analyze", "add_check", "check", "add_events", "events",
+__all__ = ["add_fit", "fit", "fit_columns", "add_analyze", "analyze", "add_check", "check", "add_exit", "exit_", "add_events", "events",
            "events_text", "lead_text"]

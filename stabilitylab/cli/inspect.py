@@ -14,35 +14,55 @@ from stabilitylab.store import DEFAULT_LAB, EXPORT_FORMATS
 
 
 def add_trace(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("trace", help="print the loop trace of fresh models, one per injection")
-    p.add_argument("--injection", default="all", help="injection to trace, or all")
-    p.add_argument("--depth", type=int, default=8, help="loop iterations to trace")
+    p = sub.add_parser("trace", help="print the loop trace of a target, or of fresh models, one per injection")
+    p.add_argument("target", nargs="?", help="a run, checkpoint file or checkpoint directory (parcae_lm, hrm_text, "
+                                             "huginn); default: fresh LoopedLMs")
+    p.add_argument("--format", help="with TARGET: force the format of a checkpoint directory")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="with TARGET: a run's checkpoint (default: newest)")
+    p.add_argument("--injection", default="all", help="without TARGET: injection to trace, or all")
+    p.add_argument("--depth", type=int, help="loop iterations to trace (default 8; with TARGET 2·μ_rec)")
+    p.add_argument("--batch", type=int, default=4, metavar="N", help="with TARGET: sequences (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    add_lab(p, "lab holding a run id")
     p.set_defaults(handler=trace)
 
 
 def trace(args: argparse.Namespace) -> int:
-    """A short instrumented forward pass: the loop trace of a fresh model per injection."""
+    """A short instrumented forward pass: the loop trace of TARGET through the loop interface
+    (analysis/trace.py), or of a fresh LoopedLM per injection."""
     import torch
 
+    check_counts(args, depth=1, batch=1)
+    if args.target is not None:
+        from stabilitylab.analysis.trace import interface_trace
+        from stabilitylab.targets import load_target
+
+        target = load_target(args.target, args.lab, args.checkpoint, args.format)
+        depth = args.depth or 2 * target.model.mu_rec
+        batch = target.batch(args.batch, seed=args.seed)
+        print_trace(target.label, interface_trace(target.model, batch.tokens, depth, batch.h0).to_dict(), depth)
+        return 0
     from stabilitylab.config import ModelConfig
     from stabilitylab.model import LoopedLM
 
-    check_counts(args, depth=1)
+    depth = args.depth or 8
     torch.manual_seed(args.seed)
     tokens = torch.randint(0, 256, (4, 64))
     names = [args.injection] if args.injection != "all" else ["add", "concat", "free-diagonal", "parcae"]
     for name in names:
         model = LoopedLM(ModelConfig(injection=name, init_state="seeded")).eval()
         with torch.no_grad():
-            out = model(tokens, depth=args.depth, trace=True)
-        t = out.trace.to_dict()
-        print(f"\n{name}: ‖e‖ = {t[records.E_NORM_MEAN]:.3f}, ‖h_0‖ = {t[records.H0_NORM_MEAN]:.3f}")
-        print(f"{'t':>3} {'mean ‖h_t‖':>12} {'max ‖h_t‖':>12} {'‖h_t−h_t-1‖':>12} {'rel. resid.':>12} {'cos':>8}")
-        for i in range(args.depth):
-            print(" ".join([f"{i + 1:>3}", *(f"{t[f][i]:12.4f}" for f in records.TRACE_FIELDS[:-1]),
-                            f"{t[records.TRACE_COSINE][i]:8.4f}"]))
+            out = model(tokens, depth=depth, trace=True)
+        print_trace(name, out.trace.to_dict(), depth)
     return 0
+
+
+def print_trace(name: str, t: dict, depth: int) -> None:
+    print(f"\n{name}: ‖e‖ = {t[records.E_NORM_MEAN]:.3f}, ‖h_0‖ = {t[records.H0_NORM_MEAN]:.3f}")
+    print(f"{'t':>3} {'mean ‖h_t‖':>12} {'max ‖h_t‖':>12} {'‖h_t−h_t-1‖':>12} {'rel. resid.':>12} {'cos':>8}")
+    for i in range(depth):
+        print(" ".join([f"{i + 1:>3}", *(f"{t[f][i]:12.4f}" for f in records.TRACE_FIELDS[:-1]),
+                        f"{t[records.TRACE_COSINE][i]:8.4f}"]))
 
 
 def add_runs(sub: argparse._SubParsersAction) -> None:
@@ -119,5 +139,5 @@ def dashboard(args: argparse.Namespace) -> NoReturn:
     os.execv(command[0], command)
 
 
-__all__ = ["add_trace", "trace", "add_runs", "runs", "add_export", "export", "add_compact", "compact",
+__all__ = ["add_trace", "trace", "print_trace", "add_runs", "runs", "add_export", "export", "add_compact", "compact",
            "add_dashboard", "dashboard_command", "dashboard"]
