@@ -186,6 +186,18 @@ def test_exit_refuses_bad_flags_with_exit_2(capsys, family_dirs):
     assert cli(capsys, "exit", path, "--criterion", "gate")[0] == 2  # no gate on this model
     assert cli(capsys, "exit", path, "--max-depth", 1)[0] == 2
     assert cli(capsys, "exit", path, "--eps", "-1")[0] == 2
+    assert cli(capsys, "exit", path, "--criterion", "argmax", "--eps", "0.5")[0] == 2
+
+
+def test_eps_sets_the_continuous_criteria_and_argmax_keeps_its_k_grid(capsys, family_dirs, tmp_path):
+    import json
+
+    code, _, err = cli(capsys, "exit", family_dirs["parcae_lm"], "--eps", "0.01", "--max-depth", 4, "--batch", 1,
+                       "--seq-len", 8, "--out", tmp_path / "e.json")
+    assert code == 0, err
+    curves = {c["criterion"]: [p["eps"] for p in c["points"]] for c in json.loads((tmp_path / "e.json").read_text())["curves"]}
+    assert curves["latent"] == curves["kl"] == curves["entropy"] == [0.01]
+    assert curves["argmax"] == list(exits.DEFAULT_EPS["argmax"])
 
 
 def test_exit_records_into_a_trained_run(capsys, pushed_lab):

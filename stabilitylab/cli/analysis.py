@@ -247,7 +247,8 @@ def add_exit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--criterion", action="append", metavar="NAME",
                    help="latent, kl, entropy, argmax or gate (repeatable; default: all, gate where the model has one)")
     p.add_argument("--eps", action="append", type=float, metavar="X",
-                   help="thresholds for every chosen criterion (repeatable; default: per-criterion grids; argmax: k)")
+                   help="thresholds for latent, kl and entropy (repeatable; default: per-criterion grids); for argmax "
+                        "(k steps) or gate (q) when it is the only --criterion")
     p.add_argument("--max-depth", type=int, metavar="N", help="loop iterations to run (default 2·μ_rec)")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
     p.add_argument("--batch", type=int, default=2, metavar="N", help="sequences (default 2)")
@@ -271,11 +272,14 @@ def exit_(args: argparse.Namespace) -> int:
     unknown = [c for c in criteria if c not in exits.CRITERIA]
     if unknown:
         raise UsageError("--criterion", f"{unknown[0]!r} is not a criterion", f"Choose from {', '.join(exits.CRITERIA)}")
-    if args.eps and "argmax" in criteria and any(x < 1 or x != int(x) for x in args.eps):
+    alone = criteria[0] if len(criteria) == 1 else None
+    if args.eps and alone == "argmax" and any(x < 1 or x != int(x) for x in args.eps):
         raise UsageError("--eps", "argmax takes a whole number of steps k ≥ 1", "Pass --criterion argmax alone with "
                                                                                 "--eps 1, 2, ...")
     if args.eps and any(x <= 0 for x in args.eps):
         raise UsageError("--eps", "thresholds must be > 0", "Pass positive values")
+    if args.eps and alone == "gate" and any(x > 1 for x in args.eps):
+        raise UsageError("--eps", "the gate's q is a probability in (0, 1]", "Pass --eps 0.9 or the like")
     tokens = read_tokens(args.tokens) if args.tokens else None
     target = load_target(args.target, args.lab, args.checkpoint, args.format)
     if not has_loop(target.model):
@@ -286,7 +290,7 @@ def exit_(args: argparse.Namespace) -> int:
     if "gate" in criteria and args.criterion and not hasattr(target.model, "exit_probability"):
         raise UsageError("--criterion", f"{target.label} has no exit gate", "Drop --criterion gate")
     batch = target.batch(args.batch, args.seq_len, args.seed, tokens)
-    eps = {c: tuple(args.eps) for c in criteria} if args.eps else None
+    eps = {c: tuple(args.eps) for c in criteria if c in ("latent", "kl", "entropy") or c == alone} if args.eps else None
     report = exits.measure(target.model, batch.tokens, batch.targets, args.max_depth, criteria, eps, h0=batch.h0,
                            target=target.label, step=target.step)
     print(report.text())
