@@ -18,7 +18,7 @@ import torch
 from stabilitylab.cli import main
 from stabilitylab.config import ModelConfig
 from stabilitylab.model import STABLE_BY_CONSTRUCTION, LoopedLM
-from stabilitylab.model.imports import save_parcae_checkpoint
+from stabilitylab.formats.parcae_lm import save_parcae_checkpoint
 from stabilitylab.store import open_run
 from stabilitylab.targets import TargetError, load_target
 from test_imports import build_reference, needs_ref, parcae_lm  # the authors' models, if the ref is set
@@ -255,7 +255,7 @@ def test_analyze_refuses_contradictory_or_impossible_requests(capsys, pushed_lab
     code, _, err = cli(capsys, "analyze", parcae_dir, "--position", 64)
     assert code == 2 and "position: 64 is outside a sequence of 32 tokens" in err
     code, _, err = cli(capsys, "analyze", parcae_dir, "--batch", 0)
-    assert code == 2 and "batch: batch_size 0 × seq_len None is empty" in err
+    assert code == 2 and "--batch: must be ≥ 1, got 0" in err  # refused before anything is loaded
 
 
 # ---- the released sizes on this machine ------------------------------------------------------------------

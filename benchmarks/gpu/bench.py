@@ -14,7 +14,7 @@
    sequence 2048 with the paper's depth sampling (per-sequence Poisson-truncated-full, μ_rec 8,
    μ_bwd 4, a fresh draw every step), bf16 autocast; eager, and compiled (each transformer
    block compiled, the loop in Python: the depths change every step). The authors'
-   implementation, built from the same config (model.imports.parcae_config: the same math),
+   implementation, built from the same config (formats.parcae_lm.parcae_config: the same math),
    runs the same way when STABILITYLAB_PARCAE_REF points at its parcae_lm folder.
    tokens/s = B·T / median step time over the timed steps (after warm-up steps).
    MFU = nominal training FLOPs per token (config/sizes.py: μ_rec − μ_bwd no-grad and μ_bwd
@@ -189,7 +189,7 @@ def their_model(cfg, device: str):
     root = Path(os.environ["STABILITYLAB_PARCAE_REF"]).resolve()
     sys.path.insert(0, str(root.parent if root.name == "parcae_lm" else root))
     import parcae_lm.models.parcae.config as parcae_config_module
-    from stabilitylab.model.imports import parcae_config
+    from stabilitylab.formats.parcae_lm import parcae_config
 
     raw = {k: v for k, v in parcae_config(cfg).items() if not k.startswith("_")}
     model = parcae_config_module.ParcaeConfig(**raw).construct_model().to(device)
