@@ -335,3 +335,35 @@ def test_overview_tells_the_story_of_a_small_lab(lab):
     assert lines == {"concat (left)", "parcae (right)"}
     sweep = next(d.value for d in at.dataframe if "cell" in d.value.columns)  # lr-sweep's pairs: one per seed
     assert sweep["cell"].tolist() == ["seed=0", "seed=1"] and set(sweep["concat status"]) == {"diverged"}
+
+
+def test_loop_dynamics_shows_a_recorded_exit_report_and_the_hint_without_one(tmp_path):
+    from stabilitylab.analysis import exits  # torch: the test builds the report, the dashboard only reads it
+    from stabilitylab.store import Run
+
+    lab = build_lab(tmp_path / "lab", steps=60)
+    eps = (0.1, 0.01)
+    reports = [exits.ExitReport(
+        "tiny", step, 6, 4, (2, 3), [2.5, 2.3, 2.2, 2.15, 2.14, 2.14], 2.15,
+        [exits.ExitCurve("latent", [exits.ExitPoint(0.1, 2.5, 4, 2.3), exits.ExitPoint(0.01, 4.2, 6, 2.15)],
+                         {0.0: 0.0, 0.01: 0.375}),
+         exits.ExitCurve("kl", [exits.ExitPoint(0.1, 1.5, 3, 2.4), exits.ExitPoint(0.01, 3.0, 5, 2.2)],
+                         {0.0: None, 0.01: None})],
+        [exits.ExitPrediction(e, [2, 3, 3, 4, 6, 6], [2, 3, 4, 4, 5, 6], [0.3] * 6, 0.95, err, 0.5)
+         for e, err in zip(eps, (step / 40, step / 20))], {"gate": "the model has no exit gate"})
+        for step in (20, 40)]
+    exits.record(Run(lab / PARCAE, PARCAE), reports)
+    at = app(lab, "loop.py", selected=[PARCAE, CONCAT])
+    shown = {c["layout"]["title"]["text"]: c for c in charts(at)}
+    loss = shown["loss vs mean exit depth (left)"]
+    assert [t["name"] for t in loss["data"]] == ["fixed depth t", "latent", "kl"]
+    assert array(loss["data"][1]["x"]).tolist() == [2.5, 4.2]
+    assert [s["y0"] for s in loss["layout"]["shapes"]][0] == 2.15  # L(μ_rec)
+    assert loss["layout"]["shapes"][1]["x0"] == 4  # μ_rec
+    pred = shown["predicted vs measured exit depth (left)"]
+    assert [t["name"] for t in pred["data"]] == ["predicted = measured", "ε = 0.1", "ε = 0.01"]
+    assert np.all(np.abs(array(pred["data"][1]["y"]) - [2, 3, 3, 4, 6, 6]) <= 0.15)  # jittered, not moved
+    over_steps = shown["exit prediction error over training (left)"]
+    assert array(over_steps["data"][1]["y"]).tolist() == [1.0, 2.0]  # ε = 0.01 at steps 20, 40
+    assert not any("(right)" in t and "exit" in t for t in shown)
+    assert any(f"stabilitylab exit {CONCAT}" in i.value for i in at.info)

@@ -1,7 +1,8 @@
 """Loop dynamics: what happens inside the loop, iteration by iteration, over training, for
 two runs side by side (by default the lab's headline pair: unconstrained left, constrained
 right) on one colour scale; and how validation loss falls with test-time depth, with the
-fitted law L(T) = L∞ + Z·e^(−zT)."""
+fitted law L(T) = L∞ + Z·e^(−zT); and, where `stabilitylab exit` recorded one, each run's
+adaptive-exit analysis."""
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,51 @@ def fit_depth_law(column, fig, law: str, spec, T: np.ndarray, L: np.ndarray, key
              "in-sample error": f"{100 * result.in_sample_error:.2f}%"}
     for col, (name, value) in zip(column.columns(len(shown)), shown.items()):
         col.metric(f"{name} ({side})", value)
+
+
+def exit_section(side: str, run_id: str, token: tuple) -> None:
+    """`stabilitylab exit`'s report of one run (ExitReport.to_dict, read as plain JSON: the
+    dashboard does not import analysis.exits, which needs torch): loss vs mean exit depth per
+    rule, predicted vs measured exit depth per ε, and the prediction error over checkpoints."""
+    doc = labdata.details(lab, run_id, token)["results"].get(names.EXIT_RESULT)
+    if not doc:
+        st.info(f"`{run_id}` has no exit analysis: run `stabilitylab exit {run_id}` to record one.")
+        return
+    at = "" if doc.get("step") is None else f" at step {doc['step']}"
+    st.caption(f"{doc['target']}{at}: batch {'×'.join(map(str, doc['batch']))}, max depth {doc['max_depth']}, "
+               f"μ_rec {doc['mu_rec']}, L(μ_rec) = {doc['reference_loss']:.4f}")
+    curves = [(c["criterion"], [p["mean_depth"] for p in c["points"]], [p["loss"] for p in c["points"]],
+               [p["eps"] for p in c["points"]]) for c in doc["curves"]]
+    widgets.chart(charts.exit_loss_figure(f"loss vs mean exit depth ({side})", curves, doc["loss_by_depth"],
+                                          doc["reference_loss"], doc["mu_rec"]),
+                  pd.DataFrame([{"criterion": c["criterion"], **p} for c in doc["curves"] for p in c["points"]]),
+                  f"exit_{side}_loss")
+    saved = pd.DataFrame({c["criterion"]: {f"δ = {d}": s for d, s in c["saved"].items()} for c in doc["curves"]})
+    if not saved.empty:
+        st.caption("compute saved vs μ_rec at loss increase ≤ δ (empty: no threshold within δ)")
+        st.dataframe(saved.T.map(lambda s: None if s is None else f"{100 * s:.0f}%"), key=f"exit_saved_{side}")
+    for name, why in doc.get("skipped", {}).items():
+        st.caption(f"{name}: not measured ({why})")
+    preds = doc.get("predictions", [])
+    if preds:
+        widgets.chart(charts.exit_prediction_figure(f"predicted vs measured exit depth ({side})",
+                                                    [(p["eps"], p["predicted"], p["measured"]) for p in preds],
+                                                    doc["max_depth"]),
+                      pd.DataFrame([{"eps": p["eps"], "predicted": a, "measured": b, "rate": q}
+                                    for p in preds for a, b, q in zip(p["predicted"], p["measured"], p["rate"])]),
+                      f"exit_{side}_pred")
+        st.caption("; ".join(f"ε = {p['eps']:g}: r = {p['corr']:.2f}, median |err| = {p['median_abs_error']:.1f}, "
+                             f"exact {100 * p['exact']:.0f}%" for p in preds))
+    errors = labdata.analysis(lab, run_id, token)
+    errors = errors[(errors["name"] == names.EXIT_PRED_ERROR) & (errors["values"].map(len) == len(preds))]
+    if len(errors) > 1 and preds:  # several checkpoints, each with this report's thresholds
+        steps = errors["step"].to_numpy()
+        table = np.stack(errors["values"].to_numpy())
+        lines = [(f"eps:{p['eps']:g}", f"ε = {p['eps']:g}", steps, table[:, i]) for i, p in enumerate(preds)]
+        widgets.chart(charts.lines_figure(f"exit prediction error over training ({side})", lines,
+                                          x_title="training step", y_title="median |predicted − measured|",
+                                          mode="lines+markers"),
+                      pd.DataFrame({"step": steps, **{label: y for _, label, _, y in lines}}), f"exit_{side}_steps")
 
 
 lab, runs = session.lab(), session.runs()
@@ -107,3 +153,9 @@ else:
                           annotation_text=f"μ_rec ({side})")
         parts.append(at.assign(run=run_id)[["run", "step", "depth", "value"]])
     widgets.chart(fig, pd.concat(parts), "depth_pair")
+
+st.subheader("Adaptive exit")
+with st.expander("Adaptive exit analysis (`stabilitylab exit`)", expanded=True):
+    for col, side, run_id, token in zip(st.columns(2), SIDES, pair, tokens):
+        with col:
+            exit_section(side, run_id, token)

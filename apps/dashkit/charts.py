@@ -384,3 +384,47 @@ def parallel_figure(title: str, dimensions: list[dict], color_values: np.ndarray
                       "showscale": True, "colorbar": {"title": {"text": color_title}},
                       **({"cmin": float(finite.min()), "cmax": float(finite.max())} if finite.size else {})}}]
     return figure(data, {"title": {"text": title}, "height": 420, "margin": {"t": 80, "b": 40, "l": 80, "r": 40}})
+
+
+def exit_loss_figure(title: str, curves: list[tuple[str, list[float], list[float], list[float]]],
+                     loss_by_depth: list[float], reference_loss: float, mu_rec: int) -> dict:
+    """Adaptive exit: loss against mean exit depth, one line per rule (criterion, mean depths,
+    losses, thresholds ε, one point per ε), over the no-exit loss L(t) at fixed depth t (grey);
+    dashed reference lines at L(μ_rec) and μ_rec. A rule below-left of their crossing saves
+    compute at no cost in loss."""
+    data = [{"type": "scatter", "mode": "lines", "x": np.arange(1, len(loss_by_depth) + 1),
+             "y": np.asarray(loss_by_depth, dtype=float), "name": "fixed depth t",
+             "line": {"color": "gray", "dash": "dot", "width": 1.5}}]
+    data += [{"type": "scatter", "mode": "lines+markers", "x": np.asarray(x, dtype=float),
+              "y": np.asarray(y, dtype=float), "name": name, "text": [f"ε = {e:g}" for e in eps],
+              "hovertemplate": f"{name} %{{text}}<br>mean depth %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
+              "line": {"color": color(f"exit:{name}"), "width": 2}} for name, x, y, eps in curves]
+    shapes = [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": reference_loss, "y1": reference_loss,
+               "line": {"color": "crimson", "dash": "dash"}},
+              {"type": "line", "yref": "y domain", "x0": mu_rec, "x1": mu_rec, "y0": 0, "y1": 1,
+               "line": {"color": "crimson", "dash": "dash"}}]
+    return figure_dict(data, {"title": {"text": title}, "shapes": shapes, "hovermode": "closest",
+                              "xaxis": {"title": {"text": "mean exit depth"}},
+                              "yaxis": {"title": {"text": "loss (nats/token)"}},
+                              "legend": {"orientation": "h", "y": -0.25}})
+
+
+def exit_prediction_figure(title: str, predictions: list[tuple[float, list[int], list[int]]],
+                           max_depth: int, jitter: float = 0.15) -> dict:
+    """Predicted against measured exit depth per token, one colour per ε (ε, predicted,
+    measured); depths are integers, so points are jittered by ±`jitter` (seeded: the same
+    picture every time) to show how many sit on each cell. The diagonal is a perfect prediction."""
+    rng = np.random.default_rng(0)
+    data = [{"type": "scatter", "mode": "lines", "x": [0.5, max_depth + 0.5], "y": [0.5, max_depth + 0.5],
+             "name": "predicted = measured", "line": {"color": "gray", "dash": "dash"}, "hoverinfo": "skip"}]
+    for eps, pred, meas in predictions:
+        p, m = np.asarray(pred, dtype=float), np.asarray(meas, dtype=float)
+        data.append({"type": "scatter", "mode": "markers", "name": f"ε = {eps:g}",
+                     "x": m + rng.uniform(-jitter, jitter, len(m)), "y": p + rng.uniform(-jitter, jitter, len(p)),
+                     "marker": {"size": 5, "opacity": 0.5, "color": color(f"eps:{eps:g}")},
+                     "hovertemplate": f"ε = {eps:g}<br>measured %{{x:.0f}}<br>predicted %{{y:.0f}}<extra></extra>"})
+    axis = {"range": [0.5, max_depth + 0.5], "dtick": max(1, max_depth // 8)}
+    return figure_dict(data, {"title": {"text": title}, "hovermode": "closest",
+                              "xaxis": {"title": {"text": "measured exit depth (latent rule)"}, **axis},
+                              "yaxis": {"title": {"text": "predicted exit depth"}, **axis},
+                              "legend": {"orientation": "h", "y": -0.25}})

@@ -26,6 +26,11 @@ RHO = records.RHO
 # analysis arrays written by `stabilitylab analyze` and the analysis probe
 ANALYSIS = {"jacobian_radius": records.JACOBIAN_RADIUS, "lyapunov": records.LYAPUNOV}
 
+# `stabilitylab exit`: the report document (ExitReport.to_dict, read as plain JSON) and the
+# per-checkpoint median |predicted − measured| exit depth, one value per ε
+EXIT_RESULT = records.EXIT_RESULT
+EXIT_PRED_ERROR = records.EXIT_PRED_ERROR
+
 # evaluation metric of the test-time depth curve
 VAL_LOSS = records.VAL_LOSS
 
