@@ -136,6 +136,8 @@ def test_every_figure_builder_passes_plotly_validation():
                           "diverged": [0, 1], "n": [2, 2], "worst": [0, 2]})
     validated(charts.outcome_figure("o", cells, ["a", "b"], ["1"], "injection", "lr"))
     validated(charts.parallel_figure("p", [{"label": "lr", "values": [1.0, 2.0]}], np.array([1.0, np.nan]), "loss"))
+    validated(charts.exit_loss_figure("e", [("latent", [2.5, 4.0], [2.3, 2.2], [0.1, 0.01])], [2.4, 2.2, 2.2], 2.2, 2))
+    validated(charts.exit_prediction_figure("p", [(0.1, [1, 2, 3], [1, 3, 3])], 6))
 
 
 def test_architecture_graph_unrolls_the_loop_and_annotates_the_injection():
