@@ -365,5 +365,7 @@ def test_loop_dynamics_shows_a_recorded_exit_report_and_the_hint_without_one(tmp
     assert np.all(np.abs(array(pred["data"][1]["y"]) - [2, 3, 3, 4, 6, 6]) <= 0.15)  # jittered, not moved
     over_steps = shown["exit prediction error over training (left)"]
     assert array(over_steps["data"][1]["y"]).tolist() == [1.0, 2.0]  # ε = 0.01 at steps 20, 40
+    saved = next(d.value for d in at.dataframe if "latent" in d.value.index)  # compute saved per rule and δ
+    assert saved.loc["latent"].tolist() == ["0%", "38%"] and saved.loc["kl"].tolist() == ["—", "—"]
     assert not any("(right)" in t and "exit" in t for t in shown)
     assert any(f"stabilitylab exit {CONCAT}" in i.value for i in at.info)

@@ -51,10 +51,11 @@ def exit_section(side: str, run_id: str, token: tuple) -> None:
                                           doc["reference_loss"], doc["mu_rec"]),
                   pd.DataFrame([{"criterion": c["criterion"], **p} for c in doc["curves"] for p in c["points"]]),
                   f"exit_{side}_loss")
-    saved = pd.DataFrame({c["criterion"]: {f"δ = {d}": s for d, s in c["saved"].items()} for c in doc["curves"]})
+    saved = pd.DataFrame({c["criterion"]: {f"δ = {float(d):g}": s for d, s in c["saved"].items()}
+                          for c in doc["curves"]})
     if not saved.empty:
-        st.caption("compute saved vs μ_rec at loss increase ≤ δ (empty: no threshold within δ)")
-        st.dataframe(saved.T.map(lambda s: None if s is None else f"{100 * s:.0f}%"), key=f"exit_saved_{side}")
+        st.caption("compute saved vs μ_rec at loss increase ≤ δ (— : no threshold within δ)")
+        st.dataframe(saved.T.map(lambda s: "—" if pd.isna(s) else f"{100 * s:.0f}%"), key=f"exit_saved_{side}")
     for name, why in doc.get("skipped", {}).items():
         st.caption(f"{name}: not measured ({why})")
     preds = doc.get("predictions", [])
