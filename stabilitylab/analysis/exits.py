@@ -28,7 +28,6 @@ when ‖h_t‖ stays put (the fixed point dominates the state); elsewhere its er
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,17 @@ from stabilitylab.config import ConfigError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a format's `load` read: the directory, the weight files, config.json as read, and
+    the format's name (the hrm_text, huginn and ouro loaders return one beside the model)."""
+
+    path: Path
+    files: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+    format: str = ""
 
 
 class CheckpointError(ConfigError):
@@ -136,5 +148,5 @@ def list_keys(keys: set[str] | list[str]) -> str:
     return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
-__all__ = ["CheckpointError", "read_config", "peek_config", "read_weights", "read_safetensors", "list_keys",
+__all__ = ["CheckpointInfo", "CheckpointError", "read_config", "peek_config", "read_weights", "read_safetensors", "list_keys",
            "SAFETENSORS", "SAFETENSORS_INDEX"]

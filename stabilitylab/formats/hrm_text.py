@@ -34,7 +34,6 @@ meta device and receives the checked tensors, so nothing is initialised twice.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,12 @@ from torch import Tensor, nn
 from transformers import HrmTextConfig, HrmTextForCausalLM
 from transformers.models.hrm_text.modeling_hrm_text import HrmTextRotaryEmbedding
 
-from stabilitylab.formats.files import CheckpointError, list_keys, read_config, read_safetensors
+from stabilitylab.formats.files import CheckpointError, CheckpointInfo, list_keys, read_config, read_safetensors
 from stabilitylab.model.interface import LinearPart, Map
 
 MODEL_TYPE = "hrm_text"
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(HrmTextConfig)) | {"model_type"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class HrmTextCheckpoint:
-    """What load read: the directory, the files, config.json as read."""
-
-    path: Path
-    files: list[str]
-    config: dict[str, Any] = field(default_factory=dict)
-    format: str = MODEL_TYPE
 
 
 class HrmTextLoop(nn.Module):
@@ -127,7 +116,7 @@ def _config(raw: dict[str, Any], file: Path) -> HrmTextConfig:
     unknown = sorted(set(raw) - CONFIG_FIELDS)
     if unknown:
         fix = ("stabilitylab never runs code from a checkpoint; remove it" if unknown[0] == "auto_map" else
-               f"remove it, or upgrade transformers if a newer HrmTextConfig defines it")
+               "remove it, or upgrade transformers if a newer HrmTextConfig defines it")
         raise CheckpointError(unknown[0], f"unknown HrmTextConfig field (unknown: {', '.join(unknown)})", fix,
                               source=file)
     fields = {k: v for k, v in raw.items() if k != "model_type"}
@@ -201,7 +190,7 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ..
 
 
 def load(path: str | Path, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> tuple[HrmTextLoop, HrmTextCheckpoint]:
+         dtype: torch.dtype | None = None) -> tuple[HrmTextLoop, CheckpointInfo]:
     """(HrmTextLoop in eval mode, what was read) from an HRM-Text directory as published.
     dtype None keeps float32 (weights stored in bfloat16 are widened)."""
     path = Path(path)
@@ -224,7 +213,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     lm.model.rotary_emb = nn.Identity()
     model = HrmTextLoop(lm).to(device=device, dtype=dtype or torch.float32).eval()
     lm.model.rotary_emb = HrmTextRotaryEmbedding(config).to(device)
-    return model, HrmTextCheckpoint(path, files, raw)
+    return model, CheckpointInfo(path, files, raw, MODEL_TYPE)
 
 
-__all__ = ["HrmTextLoop", "HrmTextCheckpoint", "load", "key_map", "from_published", "MODEL_TYPE", "CONFIG_FIELDS"]
+__all__ = ["HrmTextLoop", "load", "key_map", "from_published", "MODEL_TYPE", "CONFIG_FIELDS"]

@@ -27,7 +27,7 @@ file beside the weights ever runs. Weights: model.safetensors or an index + shar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stabilitylab.formats.files import CheckpointError, list_keys, read_config, read_safetensors
+from stabilitylab.formats.files import CheckpointError, CheckpointInfo, list_keys, read_config, read_safetensors
 from stabilitylab.model.interface import LinearPart, Map
 
 MODEL_TYPE = "huginn_raven"
@@ -86,16 +86,6 @@ class HuginnConfig:
     @property
     def head_dim(self) -> int:
         return self.d // self.heads
-
-
-@dataclass
-class HuginnCheckpoint:
-    """What load read: the directory, the files, config.json as read."""
-
-    path: Path
-    files: list[str]
-    config: dict[str, Any] = field(default_factory=dict)
-    format: str = MODEL_TYPE
 
 
 class RMSNorm(nn.Module):
@@ -301,7 +291,7 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], cfg:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> tuple[HuginnLoop, HuginnCheckpoint]:
+         dtype: torch.dtype | None = None) -> tuple[HuginnLoop, CheckpointInfo]:
     """(HuginnLoop in eval mode, what was read) from a Huginn directory as published;
     built on the meta device. dtype None keeps float32."""
     path = Path(path)
@@ -318,7 +308,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     model.rope = rope_pairs(cfg.head_dim, cfg.block_size, cfg.rope_base)
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     model.rope = model.rope.float()  # RoPE angles stay float32 whatever the weights' dtype
-    return model, HuginnCheckpoint(path, files, raw)
+    return model, CheckpointInfo(path, files, raw, MODEL_TYPE)
 
 
-__all__ = ["HuginnLoop", "HuginnConfig", "HuginnCheckpoint", "load", "model_config", "MODEL_TYPE"]
+__all__ = ["HuginnLoop", "HuginnConfig", "load", "model_config", "MODEL_TYPE"]

@@ -33,7 +33,7 @@ beside the weights ever runs. Sliding-window layers are refused (no published Ou
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stabilitylab.formats.files import CheckpointError, list_keys, read_config, read_safetensors
+from stabilitylab.formats.files import CheckpointError, CheckpointInfo, list_keys, read_config, read_safetensors
 from stabilitylab.model.interface import Map
 
 MODEL_TYPE = "ouro"
@@ -83,16 +83,6 @@ class OuroConfig:
     tied: bool
     mu_rec: int
     exit_threshold: float
-
-
-@dataclass
-class OuroCheckpoint:
-    """What load read: the directory, the files, config.json as read."""
-
-    path: Path
-    files: list[str]
-    config: dict[str, Any] = field(default_factory=dict)
-    format: str = MODEL_TYPE
 
 
 class RMSNorm(nn.Module):
@@ -345,7 +335,7 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], raw:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> tuple[OuroLoop, OuroCheckpoint]:
+         dtype: torch.dtype | None = None) -> tuple[OuroLoop, CheckpointInfo]:
     """(OuroLoop in eval mode, what was read) from an Ouro directory as published; built on
     the meta device. dtype None keeps float32 (bfloat16 weights are widened)."""
     path = Path(path)
@@ -362,7 +352,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     model.inv_freq = inverse_frequencies(cfg)  # never stored: computed anew
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     model.inv_freq = model.inv_freq.float()  # RoPE angles stay float32 whatever the weights' dtype
-    return model, OuroCheckpoint(path, files, raw)
+    return model, CheckpointInfo(path, files, raw, MODEL_TYPE)
 
 
-__all__ = ["OuroLoop", "OuroConfig", "OuroCheckpoint", "load", "model_config", "exit_distribution", "MODEL_TYPE"]
+__all__ = ["OuroLoop", "OuroConfig", "load", "model_config", "exit_distribution", "MODEL_TYPE"]
