@@ -148,5 +148,20 @@ def list_keys(keys: set[str] | list[str]) -> str:
     return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
-__all__ = ["CheckpointInfo", "CheckpointError", "read_config", "peek_config", "read_weights", "read_safetensors", "list_keys",
+def check_keys(keys: Any, expected: Any, source: Path, hint: str, allowed: Any = ()) -> None:
+    """Exactly the `expected` keys (plus those in `allowed`, checked elsewhere): a stray key or
+    a missing one is a CheckpointError naming the first of them; `hint` names the config.json
+    fields that decide which keys exist."""
+    unknown, missing = set(keys) - set(expected) - set(allowed), set(expected) - set(keys)
+    if unknown:
+        raise CheckpointError(sorted(unknown)[0], f"unexpected key(s) for this config: {list_keys(unknown)}",
+                              "the weights do not match config.json; stabilitylab loads nothing it cannot map",
+                              source=source)
+    if missing:
+        raise CheckpointError(sorted(missing)[0], f"missing key(s): {list_keys(missing)}",
+                              f"the weights do not match config.json ({hint}), or a shard is incomplete",
+                              source=source)
+
+
+__all__ = ["CheckpointInfo", "CheckpointError", "check_keys", "read_config", "peek_config", "read_weights", "read_safetensors", "list_keys",
            "SAFETENSORS", "SAFETENSORS_INDEX"]

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from transformers import HrmTextConfig, HrmTextForCausalLM
 from transformers.models.hrm_text.modeling_hrm_text import HrmTextRotaryEmbedding
 
-from stabilitylab.formats.files import CheckpointError, CheckpointInfo, list_keys, read_config, read_safetensors
+from stabilitylab.formats.files import CheckpointError, CheckpointInfo, check_keys, read_config, read_safetensors
 from stabilitylab.model.interface import LinearPart, Map
 
 MODEL_TYPE = "hrm_text"
@@ -166,15 +166,7 @@ def from_published(tensors: dict[str, Tensor], maps: dict[str, tuple[str, ...]],
 def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], raw: dict[str, Any],
                    source: Path) -> None:
     """Exactly the expected keys, shapes, and one floating dtype (config.json's "dtype" if set)."""
-    unknown, missing = set(tensors) - set(expected), set(expected) - set(tensors)
-    if unknown:
-        raise CheckpointError(sorted(unknown)[0], f"unexpected key(s) for this config: {list_keys(unknown)}",
-                              "the weights do not match config.json; stabilitylab loads nothing it cannot map",
-                              source=source)
-    if missing:
-        raise CheckpointError(sorted(missing)[0], f"missing key(s): {list_keys(missing)}",
-                              "the weights do not match config.json (num_hidden_layers, tie_word_embeddings?), "
-                              "or a shard is incomplete", source=source)
+    check_keys(tensors, expected, source, "num_hidden_layers, tie_word_embeddings?")
     want = DTYPES.get(raw.get("dtype"))
     for key, t in sorted(tensors.items()):
         if tuple(t.shape) != expected[key]:

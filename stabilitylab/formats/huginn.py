@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stabilitylab.formats.files import CheckpointError, CheckpointInfo, list_keys, read_config, read_safetensors
+from stabilitylab.formats.files import CheckpointError, CheckpointInfo, check_keys, read_config, read_safetensors
 from stabilitylab.model.interface import LinearPart, Map
 
 MODEL_TYPE = "huginn_raven"
@@ -260,15 +260,7 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], cfg:
     """Exactly our keys (plus freqs_cis, and lm_head.weight equal to wte when tied), with
     their shapes, in one floating dtype."""
     extra = {"freqs_cis"} | ({"lm_head.weight"} if cfg.tied else set())
-    unknown, missing = set(tensors) - set(expected) - extra, set(expected) - set(tensors)
-    if unknown:
-        raise CheckpointError(sorted(unknown)[0], f"unexpected key(s) for this config: {list_keys(unknown)}",
-                              "the weights do not match config.json; stabilitylab loads nothing it cannot map",
-                              source=source)
-    if missing:
-        raise CheckpointError(sorted(missing)[0], f"missing key(s): {list_keys(missing)}",
-                              "the weights do not match config.json (n_layers_in_*, qk_bias, tie_embeddings?), "
-                              "or a shard is incomplete", source=source)
+    check_keys(tensors, expected, source, "n_layers_in_*, qk_bias, tie_embeddings?", allowed=extra)
     dtypes = {t.dtype for k, t in tensors.items() if k != "freqs_cis"}
     for key, t in sorted(tensors.items()):
         if key in expected and tuple(t.shape) != tuple(expected[key].shape):

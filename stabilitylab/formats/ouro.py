@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stabilitylab.formats.files import CheckpointError, CheckpointInfo, list_keys, read_config, read_safetensors
+from stabilitylab.formats.files import CheckpointError, CheckpointInfo, check_keys, read_config, read_safetensors
 from stabilitylab.model.interface import Map
 
 MODEL_TYPE = "ouro"
@@ -303,15 +303,7 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], raw:
     """Exactly our keys (plus lm_head.weight equal to embed_tokens when tied), with their
     shapes, in one floating dtype: config.json's dtype / torch_dtype when it names one."""
     extra = {"lm_head.weight"} if tied else set()
-    unknown, missing = set(tensors) - set(expected) - extra, set(expected) - set(tensors)
-    if unknown:
-        raise CheckpointError(sorted(unknown)[0], f"unexpected key(s) for this config: {list_keys(unknown)}",
-                              "the weights do not match config.json; stabilitylab loads nothing it cannot map",
-                              source=source)
-    if missing:
-        raise CheckpointError(sorted(missing)[0], f"missing key(s): {list_keys(missing)}",
-                              "the weights do not match config.json (num_hidden_layers, tie_word_embeddings?), "
-                              "or a shard is incomplete", source=source)
+    check_keys(tensors, expected, source, "num_hidden_layers, tie_word_embeddings?", allowed=extra)
     named = raw.get("dtype") or raw.get("torch_dtype")
     want = DTYPES.get(named)
     counts = Counter(t.dtype for t in tensors.values())
