@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                                         budget=args.budget_s)
 
     preset, seq = ("tiny", 32) if args.dry else ("parcae-140m", 2048)
-    cfg = sl.ModelConfig.preset(preset, block_size=seq)
+    # tiny's default value embeddings (tables at the first and last layer of 1/1/1) are not a
+    # layout the authors' code builds; the dry run drops them so that both models mirror
+    cfg = sl.ModelConfig.preset(preset, block_size=seq, **({"value_embed_layers": ()} if args.dry else {}))
     batch, steps = (2, 2) if args.dry else (args.batch, args.steps)
     result["setting"] = {"preset": preset, "seq_len": seq, "batch": batch, "timed_steps": steps,
                          "flops_per_token": training_flops_per_token(cfg, seq).total, "autocast": "bfloat16"
