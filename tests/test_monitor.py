@@ -251,8 +251,9 @@ def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_pa
 
 def test_a_run_recorded_by_the_monitor_holds_the_trainers_numbers(tmp_path, corpus_cache):
     """experiments/monitored.py is the trainer's step written as a plain loop: the same
-    experiment recorded by the trainer and by the monitor has the same loss, ‖∇‖ and ‖h_T‖
-    at every step, and the same divergence verdicts."""
+    experiment recorded by the trainer (radius and contraction rate on) and by the monitor
+    has the same loss, ‖∇‖, ‖h_T‖, radius estimate and contraction rate at every step, and
+    the same divergence verdicts."""
     import sys
 
     from stabilitylab.experiment import load_experiment
@@ -263,12 +264,13 @@ def test_a_run_recorded_by_the_monitor_holds_the_trainers_numbers(tmp_path, corp
 
     exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml",
                           [f"data.cache_dir={corpus_cache}", "train.steps=4", "train.eval_every=0",
-                           "train.checkpoint_every=0"])
+                           "train.checkpoint_every=0", "probes.radius_every=1", "probes.rate_every=1"])
     train(exp, tmp_path, "trainer", progress=False)
-    train_monitored(exp, tmp_path, "monitor")
-    names = [records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.STATE_NORM_MEAN, records.LR]
+    train_monitored(exp, tmp_path, "monitor", MonitorConfig(radius_every=1))
+    names = [records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.STATE_NORM_MEAN, records.LR,
+             records.RADIUS_ESTIMATE, records.CONTRACTION_RATE]
     by_trainer, by_monitor = (open_run(r, tmp_path).scalars(names).pivot(index="step", columns="name", values="value")
                               for r in ("trainer", "monitor"))
-    assert len(by_trainer) == 4
+    assert len(by_trainer) == 4 and by_trainer.notna().all().all()
     pd.testing.assert_frame_equal(by_trainer, by_monitor, check_exact=True)
     assert open_run("monitor", tmp_path).status()["status"] == open_run("trainer", tmp_path).status()["status"]
