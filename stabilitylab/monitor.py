@@ -422,28 +422,33 @@ def _plain(tree: Any) -> Any:
 
 def trainer_callback(monitor: LoopMonitor) -> Any:
     """A transformers.TrainerCallback that calls monitor.step once per optimiser step, with the
-    step's loss when the Trainer logs one (logging_steps = 1 logs every step). The Trainer
-    calls on_step_end before on_log, so a step is recorded at its on_log, or at the next
-    on_step_end (or on_train_end) if nothing was logged for it. transformers is imported only here."""
+    loss, ‖∇‖ and learning rate the Trainer logs for it (logging_steps = 1 logs every step;
+    the Trainer clears the gradients before its step-end hook, so its own pre-clip ‖∇‖ is
+    the one recorded). The Trainer calls on_step_end before on_log, so a step is recorded at
+    its on_log, or at the next on_step_end (or on_train_end) if nothing was logged for it.
+    The monitor measures the model it was attached to (the loop-interface view of the
+    Trainer's model, sharing its parameters, e.g. HrmTextLoop(lm)), on its probe_tokens:
+    the Trainer does not hand its batches to callbacks. transformers is imported only here."""
     from transformers import TrainerCallback
+
+    logged = {records.LOSS: records.LOSS, records.GRAD_NORM: records.GRAD_NORM, "learning_rate": records.LR}
 
     class LoopMonitorCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.pending: tuple[int, Any] | None = None  # (step, model) not yet recorded
+            self.pending: int | None = None  # a step not yet recorded
 
-        def _flush(self, loss: float | None = None) -> None:
+        def _flush(self, given: Mapping[str, float] | None = None) -> None:
             if self.pending is not None:
-                step, model = self.pending
-                self.pending = None
-                monitor.step(step, loss=loss, model=model)
+                step, self.pending = self.pending, None
+                monitor.step(step, scalars=given)
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
+        def on_step_end(self, args, state, control, **kwargs):
             self._flush()
-            self.pending = (state.global_step, model)
+            self.pending = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and records.LOSS in logs and self.pending and self.pending[0] == state.global_step:
-                self._flush(float(logs[records.LOSS]))  # the Trainer's key is the lab's name
+            if logs and records.LOSS in logs and self.pending == state.global_step:
+                self._flush({ours: float(logs[theirs]) for theirs, ours in logged.items() if theirs in logs})
 
         def on_train_end(self, args, state, control, **kwargs):
             self._flush()
