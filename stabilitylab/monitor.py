@@ -44,9 +44,12 @@ import torch
 from torch import Tensor
 
 from stabilitylab import records
-from stabilitylab.analysis.estimate import BLOCK, MEMORY, RadiusTracker, causal_prefix, probe_view, trace_rate
+from stabilitylab.analysis.estimate import (BLOCK, MEMORY, RadiusTracker, causal_prefix, last_position_map, probe_view,
+                                            trace_rate)
+from stabilitylab.analysis.maps import math_attention
 from stabilitylab.analysis.spectra import eigenvalues, spectral_norm
 from stabilitylab.config import DivergenceConfig
+from stabilitylab.model import LoopedLM
 from stabilitylab.store import RunWriter, StoreError
 from stabilitylab.analysis.divergence import DivergenceMonitor, Verdict
 
@@ -282,10 +285,14 @@ class LoopMonitor:
                 source = tokens if tokens is not None else self.probe_tokens
                 state, tokens = self._own_state(model, source[:cfg.rows]), source[:cfg.rows]
             tokens, h, position = causal_prefix(tokens, state.detach(), cfg.position, cfg.rows)
-            e = model.encode(tokens)
             if torch.finfo(h.dtype).bits < 32:  # a bfloat16 state: JVPs in float32 need float32 maps
                 raise TypeError(f"the state is {h.dtype}; the radius needs a float32 state (train in float32 or "
                                 "under autocast, whose loop state stays float32)")
+            if isinstance(model, LoopedLM) and model.cfg.looped:  # the same block, its tangent through 1 position
+                _, F = last_position_map(model, tokens)(h, image=False)  # the prefix's keys/values: fused kernel
+                with math_attention():
+                    return self.tracker.update(F, h[:, -1]).radius
+            e = model.encode(tokens)
             F, x = probe_view(model.loop_map(e, tokens), h.to(e.dtype), position)
             return self.tracker.update(F, x).radius
 

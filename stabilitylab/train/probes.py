@@ -33,6 +33,7 @@ from torch import Tensor
 
 from stabilitylab import records
 from stabilitylab.analysis import jacobian_spectral_radius
+from stabilitylab.analysis.estimate import last_position_map
 from stabilitylab.analysis.maps import batched_jvp, checked_map, math_attention, orthonormal_rows, work_dtype
 from stabilitylab.config import ProbeConfig, resolve_depth
 from stabilitylab.data import Corpus
@@ -63,43 +64,6 @@ def loop_trace(model: LoopedLM, tokens: Tensor, depth: int, h0: Tensor) -> LoopT
     recorder = _TraceRecorder(e, h0)
     model.loop(model._loop_fn(e, tokens), h0, Depth(depth, 0), recorder)
     return recorder.result()
-
-
-def last_position_map(model: LoopedLM, tokens: Tensor) -> Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]:
-    """For the loop map F(·; e) of `tokens`: h ↦ (F(h), g_h) with g_h(x) = F(h with h[:, p] = x)[:, p]
-    at the last position p = T − 1, the per-token view whose Jacobian is ∂F[p]/∂h[p].
-
-    Under causal attention the positions before p never see p, so their keys and values
-    in every core block are constants of h: they are cached while computing F(h), and
-    g_h runs the core blocks on the single position p against them (Block's `past`). A JVP
-    of g_h then carries its tangent through one position instead of all T. The same
-    numbers as the forward's loop to float rounding (tested against at_position).
-    LoopedLM-only (its blocks, value embeddings and RoPE tables): the loop interface has
-    no per-position step; other models take the interface's path (analysis.loop_jacobian).
-    """
-    e = model.encode(tokens)
-    injection, blocks = model.injection, list(model.core)
-    A, u = injection.transition(), injection.drive(e)
-    P = model.cfg.n_prelude
-    ves = model._value_embeds(tokens, range(P, P + len(blocks)))
-    ropes = [model._rope(block) for block in blocks]
-
-    def step(h: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        z, pasts = injection.step(h, A, u), []
-        for block, rope, ve in zip(blocks, ropes, ves):
-            k, v = block.keys_values(z, rope, ve)
-            pasts.append((k[:, :-1], v[:, :-1]))
-            z = block(z, rope, ve)
-
-        def g(x: Tensor) -> Tensor:
-            y = injection.step(x[:, None], A, u[:, -1:])
-            for block, rope, ve, past in zip(blocks, ropes, ves, pasts):
-                y = block(y, rope, None if ve is None else ve[:, -1:], past)
-            return y[:, 0]
-
-        return z, g
-
-    return step
 
 
 def last_position_lyapunov(step: Callable, h0: Tensor, steps: int, k: int, seed: int = 0) -> tuple[np.ndarray, Tensor]:
