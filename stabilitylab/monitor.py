@@ -55,6 +55,7 @@ from stabilitylab.analysis.divergence import DivergenceMonitor, Verdict
 
 INTERFACE = ("encode", "initial_state", "loop_map", "decode")
 MONITOR_SALT = 0x3017  # the monitor's own h_0 stream, apart from training's
+RADIUS_EVERY = 4  # steps between radius updates: one update costs ~11% of a small step (docs/monitor.md, Cost)
 Sink = Callable[[int, Mapping[str, float]], Any]
 
 
@@ -69,7 +70,7 @@ class MonitorConfig:
     model's μ_rec); grad_norm: read ‖∇‖ off the parameters; divergence: the trainer's
     rules, with action "record" (the monitor never stops training by itself)."""
 
-    radius_every: int = 1
+    radius_every: int = RADIUS_EVERY
     rows: int = 1
     position: int = -1
     block: int = BLOCK

@@ -61,8 +61,9 @@ def test_a_plain_loop_writes_a_run_that_the_labs_readers_read(tmp_path):
     report = analyse_run(run)
     assert report.divergence is None and report.outcomes()["any"] == "quiet"
     assert main(["events", str(run.path)]) == 0 and main(["runs", str(tmp_path)]) == 0
-    radii = [s.values[records.RADIUS_ESTIMATE] for s in steps]
-    assert all(0 < r < 10 and math.isfinite(r) for r in radii)
+    radii = {i: s.values[records.RADIUS_ESTIMATE] for i, s in enumerate(steps, 1)
+             if records.RADIUS_ESTIMATE in s.values}
+    assert list(radii) == [MonitorConfig().radius_every] and all(0 < r < 10 for r in radii.values())
     assert all(0 < s.values[records.CONTRACTION_RATE] < 10 for s in steps)
 
 
@@ -98,7 +99,7 @@ def test_the_radius_on_a_frozen_model_converges_to_the_analysis_probes_radius(tm
         out = model(x, depth=3, h0=h0)
     dense = loop_jacobian(model, x, 3, position=-1, h0=h0, k=1, method="dense").radius
     model.train()
-    with LoopMonitor(model, None, config=MonitorConfig(grad_norm=False)) as monitor:
+    with LoopMonitor(model, None, config=MonitorConfig(grad_norm=False, radius_every=1)) as monitor:
         radii = [monitor.step(s, model=model, tokens=x, state=out.state).values[records.RADIUS_ESTIMATE]
                  for s in range(1, 21)]
     assert radii[-1] == pytest.approx(dense, rel=0.01)
@@ -107,7 +108,7 @@ def test_the_radius_on_a_frozen_model_converges_to_the_analysis_probes_radius(tm
 def test_without_a_state_the_monitor_runs_the_loop_on_its_probe_tokens(tmp_path):
     model = tiny()
     probe, _ = next(batches(1, batch=2))
-    monitor = LoopMonitor(model, None, probe_tokens=probe)
+    monitor = LoopMonitor(model, None, probe_tokens=probe, config=MonitorConfig(radius_every=1))
     before = torch.get_rng_state()
     values = monitor.step(1, loss=2.0).values
     assert math.isfinite(values[records.RADIUS_ESTIMATE])
@@ -122,8 +123,9 @@ def test_sinks_get_every_value_and_tensorboard_gets_prefixed_scalars():
             scalars.append((tag, value, step))
 
     model = tiny()
-    monitor = LoopMonitor(model, None, sinks=[lambda step, values: seen.append((step, dict(values))),
-                                              TensorBoardSink(writer=FakeSummaryWriter())])
+    monitor = LoopMonitor(model, None, config=MonitorConfig(radius_every=1),
+                          sinks=[lambda step, values: seen.append((step, dict(values))),
+                                 TensorBoardSink(writer=FakeSummaryWriter())])
     plain_loop(monitor, model, steps=2)
     assert [s for s, _ in seen] == [1, 2] and records.RADIUS_ESTIMATE in seen[0][1]
     assert ("loop/" + records.LOSS, seen[1][1][records.LOSS], 2) in scalars
@@ -154,7 +156,7 @@ def test_a_non_finite_state_is_a_probe_error_event_not_a_crash(tmp_path):
     out = model(x, y)
     state = out.state.detach().clone()
     state[0, -1, 0] = math.nan
-    with LoopMonitor(model, tmp_path, "nan") as monitor:
+    with LoopMonitor(model, tmp_path, "nan", config=MonitorConfig(radius_every=1)) as monitor:
         with pytest.warns(RuntimeWarning, match="non-finite"):
             result = monitor.step(1, loss=out.loss, model=model, tokens=x, state=state)
     assert records.RADIUS_ESTIMATE not in result.values

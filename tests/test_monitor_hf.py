@@ -39,7 +39,7 @@ def test_the_transformers_trainer_with_the_callback_writes_a_run_the_labs_reader
     torch.manual_seed(0)
     lm = HrmTextForCausalLM(HrmTextConfig(**SMALL))
     data = Windows()
-    monitor = LoopMonitor(HrmTextLoop(lm), tmp_path / "lab", "hrm", config=MonitorConfig(spectrum_every=1),
+    monitor = LoopMonitor(HrmTextLoop(lm), tmp_path / "lab", "hrm", config=MonitorConfig(spectrum_every=1, radius_every=1),
                           probe_tokens=data.ids[:1])  # the same parameters as the Trainer's model
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=2,
                              learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
