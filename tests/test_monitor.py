@@ -49,21 +49,22 @@ def plain_loop(monitor, model, steps=6, lr=1e-3):
 
 def test_a_plain_loop_writes_a_run_that_the_labs_readers_read(tmp_path):
     model = tiny()
+    every = MonitorConfig().radius_every
     with LoopMonitor(model, tmp_path, "plain", config=MonitorConfig(spectrum_every=2)) as monitor:
-        steps = plain_loop(monitor, model)
+        steps = plain_loop(monitor, model, steps=every)
     runs = list_runs(tmp_path)
-    assert list(runs["run_id"]) == ["plain"] and runs["status"][0] == "finished" and runs["last_step"][0] == 6
+    assert list(runs["run_id"]) == ["plain"] and runs["status"][0] == "finished" and runs["last_step"][0] == every
     run = open_run("plain", tmp_path)
     names = set(run.scalar_names())
     assert {records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.RADIUS_ESTIMATE,
             records.CONTRACTION_RATE, records.TOKENS} <= names
-    assert list(run.spectra()["step"]) == [2, 4, 6]
+    assert list(run.spectra()["step"]) == list(range(2, every + 1, 2))
     report = analyse_run(run)
     assert report.divergence is None and report.outcomes()["any"] == "quiet"
     assert main(["events", str(run.path)]) == 0 and main(["runs", str(tmp_path)]) == 0
     radii = {i: s.values[records.RADIUS_ESTIMATE] for i, s in enumerate(steps, 1)
              if records.RADIUS_ESTIMATE in s.values}
-    assert list(radii) == [MonitorConfig().radius_every] and all(0 < r < 10 for r in radii.values())
+    assert list(radii) == [every] and all(0 < r < 10 for r in radii.values())
     assert all(0 < s.values[records.CONTRACTION_RATE] < 10 for s in steps)
 
 
@@ -227,8 +228,8 @@ def test_a_model_without_a_linear_part_has_no_spectrum(tmp_path):
 
 
 def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_path):
-    """The hooks the transformers Trainer calls, called as it calls them (the Trainer itself
-    needs `accelerate`, which the lab does not install)."""
+    """The hooks the transformers Trainer calls, called as it calls them, including a step
+    that logs nothing (the real Trainer: tests/test_monitor_hf.py)."""
     pytest.importorskip("transformers")
     from types import SimpleNamespace
 
@@ -236,7 +237,7 @@ def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_pa
 
     model = tiny()
     probe, _ = next(batches(1, batch=1))
-    monitor = LoopMonitor(model, tmp_path, "hf", probe_tokens=probe)
+    monitor = LoopMonitor(model, tmp_path, "hf", probe_tokens=probe, config=MonitorConfig(radius_every=1))
     callback = trainer_callback(monitor)
     for step in (1, 2, 3, 4):
         state = SimpleNamespace(global_step=step)
