@@ -160,7 +160,8 @@ def test_a_non_finite_state_is_a_probe_error_event_not_a_crash(tmp_path):
     with LoopMonitor(model, tmp_path, "nan", config=MonitorConfig(radius_every=1)) as monitor:
         with pytest.warns(RuntimeWarning, match="non-finite"):
             result = monitor.step(1, loss=out.loss, model=model, tokens=x, state=state)
-    assert records.RADIUS_ESTIMATE not in result.values
+        after = monitor.step(2, loss=out.loss, model=model, tokens=x, state=out.state)  # training went on
+    assert records.RADIUS_ESTIMATE not in result.values and math.isfinite(after.values[records.RADIUS_ESTIMATE])
     events = open_run("nan", tmp_path).events()
     assert records.PROBE_ERROR in set(events["kind"])
     assert math.isnan(result.values[records.STATE_NORM])  # data, kept: ‖h_T‖ of an overflowed state
