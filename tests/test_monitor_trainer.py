@@ -62,6 +62,31 @@ def test_a_resumed_run_continues_the_radius_estimate_of_the_uninterrupted_one(tm
     pd.testing.assert_frame_equal(whole, resumed, check_exact=True)
 
 
+def test_a_run_recorded_before_the_every_step_probes_existed_still_resumes(tmp_path, corpus_cache, monkeypatch):
+    """Its stored config lacks probes.radius_every / rate_every: at their defaults (0) it is the same config."""
+    import json
+    import sqlite3
+
+    exp = tiny(corpus_cache, "train.checkpoint_every=3")
+    log = RunWriter.log
+
+    def killed_at_step_5(writer, step, values):
+        if step == 5:
+            raise KeyboardInterrupt
+        log(writer, step, values)
+
+    monkeypatch.setattr(RunWriter, "log", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, tmp_path, "old", progress=False)
+    monkeypatch.undo()
+    with sqlite3.connect(tmp_path / "old" / "run.db") as con:
+        config = json.loads(con.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
+        del config["probes"]["radius_every"], config["probes"]["rate_every"]
+        con.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(config),))
+    con.close()
+    assert train(exp, tmp_path, "old", resume=True, progress=False) == "finished"
+
+
 def test_the_radius_under_fsdp_is_refused_before_anything_is_written(tmp_path, corpus_cache, monkeypatch):
     from stabilitylab.train import distributed
 

@@ -25,6 +25,7 @@ processes see exactly the rows of one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import subprocess
 import sys
@@ -315,14 +316,30 @@ EXECUTION_FIELDS = ("train.parallel", "train.param_dtype", "train.activation_che
 
 
 def _check_same_config(run: Run, exp: ExperimentConfig) -> None:
-    """Refuse to resume a run with a config other than its own (EXECUTION_FIELDS may differ)."""
-    stored, current = run.meta()["config"], exp.to_dict()
-    differ = [key for key in sorted(set(_leaves(stored)) | set(_leaves(current)))
-              if _leaves(stored).get(key) != _leaves(current).get(key) and key not in EXECUTION_FIELDS]
+    """Refuse to resume a run with a config other than its own (EXECUTION_FIELDS may differ).
+    A field the stored config lacks is the same if the current value is its default: a
+    field added to the lab since the run started (e.g. probes.radius_every) changes nothing."""
+    stored, current = _leaves(run.meta()["config"]), _leaves(exp.to_dict())
+    differ = [key for key in sorted(set(stored) | set(current))
+              if stored.get(key) != current.get(key) and key not in EXECUTION_FIELDS
+              and not (key not in stored and current[key] == _default(exp, key))]
     if differ:
         raise ConfigError(", ".join(differ[:5]), "differs from the config the run was trained with",
                           f"Resume with the run's own settings (see {run.path / 'config.json'}), or train a "
                           "new run (--run-id)", source=run.path)
+
+
+def _default(exp: ExperimentConfig, key: str):
+    """The dataclass default of the config field at dotted `key` ("probes.radius_every"), or a
+    sentinel that equals nothing when the field has none."""
+    *path, name = key.split(".")
+    section = exp
+    for part in path:
+        section = getattr(section, part, None)
+    for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    return object()
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
