@@ -96,3 +96,28 @@ def test_the_radius_under_fsdp_is_refused_before_anything_is_written(tmp_path, c
         train(tiny(corpus_cache, "probes.radius_every=1", "train.parallel=fsdp", "train.batch_size=4"), tmp_path,
               "fsdp", progress=False)
     assert not (tmp_path / "fsdp").exists()
+
+
+def test_under_ddp_rank_0_records_the_estimates_of_the_one_process_run(tmp_path, corpus_cache):
+    """Two data-parallel processes (torchrun, gloo): rank 0 measures on its own first sequence,
+    the global batch's first, so it records the one-process run's radius (to the all-reduce's
+    rounding), and no rank hangs on it. The contraction rate is that of rank 0's rows (the
+    trace averages over the rows a forward ran), so it differs from the whole batch's."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    repo = Path(__file__).resolve().parents[1]
+    sets = [f"data.cache_dir={corpus_cache}", "train.steps=3", "train.eval_every=0", *EVERY_STEP]
+    train(load_experiment(TINY, sets), tmp_path, "one", progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "stabilitylab", "train", str(TINY), *[a for s in sets for a in ("--set", s)],
+               "--lab", str(tmp_path), "--run-id", "two", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [records.LOSS, records.RADIUS_ESTIMATE, records.CONTRACTION_RATE]
+    one, two = scalars(tmp_path, "one", names), scalars(tmp_path, "two", names)
+    assert len(two) == 3 and two.notna().all().all()
+    same = [records.LOSS, records.RADIUS_ESTIMATE]
+    np.testing.assert_allclose(two[same].to_numpy(), one[same].to_numpy(), rtol=1e-4)
