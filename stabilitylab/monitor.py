@@ -8,6 +8,9 @@
         opt.zero_grad()
     monitor.close()                                                 # or: with LoopMonitor(...) as monitor:
 
+The lab's trainer records through this class too (train/trainer.py: `writer=` its own
+RunWriter, `check` before the optimiser step, `scalars=` its all-reduced numbers).
+
 The model needs the loop interface (duck-typed): encode(tokens) → e, initial_state(e,
 generator), loop_map(e, tokens) → F, decode(h, tokens); its linear part from
 `linear_part()` → (Ā, B̄) or None, or, for a LoopedLM, `injection.transition()` /
@@ -17,10 +20,12 @@ Per step (what `step` records, in the run store and every sink):
     loss, grad_norm          as given; ‖∇‖₂ of the gradients still on the parameters
     h_T_norm(_mean)          max / mean per-token ‖h_T‖ of `state` (the training forward's)
     contraction_rate         q of the training forward's own loop trace (estimate.trace_rate)
-    jacobian_radius_est      ρ(∂F/∂h) at h_T, 2 JVPs on `rows` sequences cut after `position`
-                             (estimate.RadiusTracker, warm-started from the last step)
     tokens                   cumulative tokens.numel()
-Every `spectrum_every` steps: the eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂ (log_spectrum).
+Every `radius_every` (8) steps:
+    jacobian_radius_est      ρ(∂F/∂h) at h_T, 2 JVPs on `rows` sequences cut after `position`
+                             (estimate.RadiusTracker, warm-started from the last update; a
+                             LoopedLM's tangent runs through that position alone)
+Every `spectrum_every` steps: the eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂ (log_spectrum).
 Divergence and spikes: the trainer's rules (analysis.divergence) on loss, ‖∇‖ and ‖h_T‖,
 logged as events; `step` returns the verdict, so a loop may stop on `.stop`.
 
