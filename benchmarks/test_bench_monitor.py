@@ -81,7 +81,7 @@ def test_monitor_overhead_beside_a_training_step(benchmark, tmp_path):
     traced, _ = loop(trace=True)
     on, monitor = loop(trace=True, lab=tmp_path)
     every, every_monitor = loop(trace=True, lab=tmp_path, config=MonitorConfig(radius_every=1))
-    times = alternate_on_two_clocks({"off": off, "trace": traced, "on": on, "every": every}, rounds=11, warmup=2)
+    times = alternate_on_two_clocks({"off": off, "trace": traced, "on": on, "every": every}, rounds=21, warmup=2)
     monitor.close()
     every_monitor.close()
     ratio = {clock: times["off"][clock] / times["on"][clock] for clock in CLOCKS}
