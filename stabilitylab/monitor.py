@@ -60,7 +60,7 @@ from stabilitylab.analysis.divergence import DivergenceMonitor, Verdict
 
 INTERFACE = ("encode", "initial_state", "loop_map", "decode")
 MONITOR_SALT = 0x3017  # the monitor's own h_0 stream, apart from training's
-RADIUS_EVERY = 8  # steps between radius updates: one costs ~15-20% of a small step (docs/monitor.md, Cost)
+RADIUS_EVERY = 8  # steps between radius updates: one costs ~6-20% of a small step (docs/monitor.md, Cost)
 Sink = Callable[[int, Mapping[str, float]], Any]
 
 
