@@ -3,10 +3,10 @@
     python experiments/monitored.py experiments/warnings/c2_late_divergence.toml --lab runs [--set k=v ...]
 
 The loop is the trainer's step (train/trainer.py: the same batches, depths, h_0, AdamW /
-Muon groups, schedule and clipping, single process, no grad accumulation; the same
-losses bit for bit, tests/test_monitor.py), written out as a user would write it, so that the monitor's every-step signals (radius estimate,
-contraction rate) exist for the warning benchmark: the trainer does not record them
-yet. Each cell is the run lab/<experiment>/<cell id>; a cell already in the lab is
+Muon groups, schedule and clipping, single process, no grad accumulation), written out
+as a user would write it, with the radius estimate every step (as the warning benchmark
+was recorded). The trainer with probes.radius_every = 1 and probes.rate_every = 1
+records the same numbers bit for bit (tests/test_monitor.py). Each cell is the run lab/<experiment>/<cell id>; a cell already in the lab is
 skipped. Divergence is recorded (the run goes on to its last step, as action "record").
 """
 
@@ -30,7 +30,7 @@ from stabilitylab.train.probes import grad_norms
 from stabilitylab.train.trainer import H0_SALT
 
 
-def train_monitored(exp, lab: str | Path, run_id: str, monitor_config: MonitorConfig = MonitorConfig(),
+def train_monitored(exp, lab: str | Path, run_id: str, monitor_config: MonitorConfig = MonitorConfig(radius_every=1),
                     monitor: bool = True) -> str | None:
     """One run of `exp` (an ExperimentConfig) with the monitor recording it into lab/run_id
     (monitor=False: the same loop without it, for the overhead benchmark). Returns the run's

@@ -8,6 +8,9 @@
         opt.zero_grad()
     monitor.close()                                                 # or: with LoopMonitor(...) as monitor:
 
+The lab's trainer records through this class too (train/trainer.py: `writer=` its own
+RunWriter, `check` before the optimiser step, `scalars=` its all-reduced numbers).
+
 The model needs the loop interface (duck-typed): encode(tokens) → e, initial_state(e,
 generator), loop_map(e, tokens) → F, decode(h, tokens); its linear part from
 `linear_part()` → (Ā, B̄) or None, or, for a LoopedLM, `injection.transition()` /
@@ -17,10 +20,12 @@ Per step (what `step` records, in the run store and every sink):
     loss, grad_norm          as given; ‖∇‖₂ of the gradients still on the parameters
     h_T_norm(_mean)          max / mean per-token ‖h_T‖ of `state` (the training forward's)
     contraction_rate         q of the training forward's own loop trace (estimate.trace_rate)
-    jacobian_radius_est      ρ(∂F/∂h) at h_T, 2 JVPs on `rows` sequences cut after `position`
-                             (estimate.RadiusTracker, warm-started from the last step)
     tokens                   cumulative tokens.numel()
-Every `spectrum_every` steps: the eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂ (log_spectrum).
+Every `radius_every` (8) steps:
+    jacobian_radius_est      ρ(∂F/∂h) at h_T, 2 JVPs on `rows` sequences cut after `position`
+                             (estimate.RadiusTracker, warm-started from the last update; a
+                             LoopedLM's tangent runs through that position alone)
+Every `spectrum_every` steps: the eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂ (log_spectrum).
 Divergence and spikes: the trainer's rules (analysis.divergence) on loss, ‖∇‖ and ‖h_T‖,
 logged as events; `step` returns the verdict, so a loop may stop on `.stop`.
 
@@ -44,14 +49,18 @@ import torch
 from torch import Tensor
 
 from stabilitylab import records
-from stabilitylab.analysis.estimate import BLOCK, MEMORY, RadiusTracker, causal_prefix, probe_view, trace_rate
+from stabilitylab.analysis.estimate import (BLOCK, MEMORY, RadiusTracker, causal_prefix, last_position_map, probe_view,
+                                            trace_rate)
+from stabilitylab.analysis.maps import math_attention
 from stabilitylab.analysis.spectra import eigenvalues, spectral_norm
 from stabilitylab.config import DivergenceConfig
+from stabilitylab.model import LoopedLM
 from stabilitylab.store import RunWriter, StoreError
 from stabilitylab.analysis.divergence import DivergenceMonitor, Verdict
 
 INTERFACE = ("encode", "initial_state", "loop_map", "decode")
 MONITOR_SALT = 0x3017  # the monitor's own h_0 stream, apart from training's
+RADIUS_EVERY = 8  # steps between radius updates: one costs ~6-20% of a small step (docs/monitor.md, Cost)
 Sink = Callable[[int, Mapping[str, float]], Any]
 
 
@@ -66,7 +75,7 @@ class MonitorConfig:
     model's μ_rec); grad_norm: read ‖∇‖ off the parameters; divergence: the trainer's
     rules, with action "record" (the monitor never stops training by itself)."""
 
-    radius_every: int = 1
+    radius_every: int = RADIUS_EVERY
     rows: int = 1
     position: int = -1
     block: int = BLOCK
@@ -132,6 +141,46 @@ def default_depth(model: Any) -> int | None:
     return None if depth is None else int(depth)
 
 
+def state_norms(state: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, mean) over tokens of the per-token ‖h_T‖ (norm over the state channels), on the device."""
+    norms = state.detach().float().norm(dim=-1)
+    return norms.max(), norms.mean()
+
+
+@dataclass
+class Spectrum:
+    """The injection's linear part at one step."""
+
+    eigenvalues: Tensor  # complex128, every eigenvalue of Ā
+    rho: float  # ρ(Ā) = max |λ|; NaN for a non-finite Ā
+    norm_a: float  # ‖Ā‖₂
+    norm_b: float  # ‖B̄‖₂
+    norm_c: float  # ‖C‖₂ (the readout), NaN for a model without a `readout` layer
+
+
+@torch.no_grad()
+def injection_spectrum(model: Any) -> Spectrum | None:
+    """Eigenvalues of Ā and ‖Ā‖₂ in float64 (stabilitylab.analysis.spectra: a diagonal Ā is
+    its own eigenvalues); ‖B̄‖₂ and ‖C‖₂ as the largest singular values, computed on the
+    device in the weights' dtype (torch.linalg.svdvals; float32 agrees with float64 to
+    ~1e-6 relative) and read back in one sync. A non-finite Ā has no spectrum: NaN
+    throughout; a loop without a linear part: None. The trainer's spectrum probe and the
+    monitor's are this one function."""
+    part = linear_part(model)
+    if part is None:
+        return None
+    A, B = part
+    readout = getattr(model, "readout", None)
+    matrices = [B] + ([readout.weight] if isinstance(readout, torch.nn.Linear) else [])
+    norms = torch.stack([torch.linalg.svdvals(M.detach().float())[0] for M in matrices]).tolist()
+    norm_b, norm_c = norms[0], (norms[1] if len(norms) > 1 else math.nan)
+    A = A.detach().cpu()
+    if not torch.isfinite(A).all():
+        return Spectrum(torch.empty(0, dtype=torch.complex128), math.nan, math.nan, norm_b, norm_c)
+    lam = eigenvalues(A)  # sorted by modulus, descending
+    return Spectrum(lam, float(lam[0].abs()), spectral_norm(A), norm_b, norm_c)
+
+
 class TensorBoardSink:
     """Scalars to TensorBoard under `prefix/name`. torch.utils.tensorboard needs the optional
     `tensorboard` package; pass `writer=` (anything with add_scalar) to use your own."""
@@ -163,15 +212,17 @@ class LoopMonitor:
     def __init__(self, model: Any, lab: str | Path | None = "runs", run_id: str | None = None, *,
                  config: MonitorConfig = MonitorConfig(), sinks: Sequence[Sink] = (),
                  run_config: Mapping[str, Any] | None = None, experiment: str = "monitor", seed: int = 0,
-                 probe_tokens: Tensor | None = None):
+                 probe_tokens: Tensor | None = None, writer: RunWriter | None = None):
         self.model = check_interface(model)
         self.config, self.sinks, self.seed = config, list(sinks), seed
         self.probe_tokens = probe_tokens
         self.tracker = RadiusTracker(config.block, config.memory, seed)
         self.divergence = DivergenceMonitor(config.divergence)
         self.tokens_seen = 0
-        self.writer: RunWriter | None = None
-        if lab is not None:
+        self._checked: tuple[int, Verdict] | None = None  # check()'s verdict, for step() to record
+        self.writer: RunWriter | None = writer
+        self.owns_writer = writer is None  # a given writer (the trainer's): its owner sets the status, closes it
+        if writer is None and lab is not None:
             run_id = run_id or f"monitor-{type(self.model).__name__}"
             recorded = {**dict(run_config or {}), "monitor": _plain(asdict(config)),
                         "divergence": asdict(config.divergence)}
@@ -186,14 +237,18 @@ class LoopMonitor:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self, step: int, loss: float | Tensor | None = None, model: Any = None, tokens: Tensor | None = None,
-             state: Tensor | None = None, trace: Any = None, **scalars: float) -> MonitorStep:
-        """Record step `step`: call it after optimizer.step() (before zero_grad, for ‖∇‖).
+             state: Tensor | None = None, trace: Any = None, scalars: Mapping[str, float] | None = None,
+             **more: float) -> MonitorStep:
+        """Record step `step`: call it after optimizer.step(), before zero_grad() (for ‖∇‖).
         tokens, state, trace: the training forward's input ids, final state h_T and LoopTrace
         (each optional: without state the monitor runs the loop on `rows` sequences of
-        tokens or probe_tokens itself; without trace there is no contraction rate). Extra
-        keyword scalars are recorded as they are. Never raises because of a measurement."""
+        tokens or probe_tokens itself; without trace there is no contraction rate). Other
+        numbers, in `scalars` and as keywords, are recorded as they are, and win over the
+        monitor's own ‖∇‖, ‖h_T‖ and token count (give the all-reduced numbers of a
+        distributed run; records.TOKENS only in `scalars`, its name being the `tokens`
+        argument's). Never raises because of a measurement."""
         model = self.model if model is None else check_interface(model)
-        values: dict[str, float] = {name: _number(v) for name, v in scalars.items()}
+        values: dict[str, float] = {name: _number(v) for name, v in {**(scalars or {}), **more}.items()}
         errors: list[str] = []
         with torch.no_grad():
             if loss is not None:
@@ -202,10 +257,9 @@ class LoopMonitor:
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 if grads:
                     values[records.GRAD_NORM] = float(torch.nn.utils.get_total_norm(grads))
-            if state is not None:
-                norms = state.detach().float().norm(dim=-1)
-                values[records.STATE_NORM], values[records.STATE_NORM_MEAN] = float(norms.max()), float(norms.mean())
-            if tokens is not None:
+            if state is not None and records.STATE_NORM not in values:  # given: the caller's (all-reduced) norms
+                values[records.STATE_NORM], values[records.STATE_NORM_MEAN] = map(float, state_norms(state))
+            if tokens is not None and records.TOKENS not in values:
                 self.tokens_seen += int(tokens.numel())
                 values[records.TOKENS] = float(self.tokens_seen)
             if trace is not None:
@@ -237,10 +291,14 @@ class LoopMonitor:
                 source = tokens if tokens is not None else self.probe_tokens
                 state, tokens = self._own_state(model, source[:cfg.rows]), source[:cfg.rows]
             tokens, h, position = causal_prefix(tokens, state.detach(), cfg.position, cfg.rows)
-            e = model.encode(tokens)
             if torch.finfo(h.dtype).bits < 32:  # a bfloat16 state: JVPs in float32 need float32 maps
                 raise TypeError(f"the state is {h.dtype}; the radius needs a float32 state (train in float32 or "
                                 "under autocast, whose loop state stays float32)")
+            if isinstance(model, LoopedLM) and model.cfg.looped:  # the same block, its tangent through 1 position
+                _, F = last_position_map(model, tokens)(h, image=False)  # the prefix's keys/values: fused kernel
+                with math_attention():
+                    return self.tracker.update(F, h[:, -1]).radius
+            e = model.encode(tokens)
             F, x = probe_view(model.loop_map(e, tokens), h.to(e.dtype), position)
             return self.tracker.update(F, x).radius
 
@@ -257,19 +315,29 @@ class LoopMonitor:
             h = F(h)
         return h
 
-    @torch.no_grad()
     def _spectrum(self, model: Any) -> dict[str, Any] | None:
-        part = linear_part(model)
-        if part is None:
+        s = injection_spectrum(model)
+        if s is None:
             return None
-        A, B = part
-        norm_b = float(torch.linalg.svdvals(B.detach().float())[0])  # on the device, as the trainer's probe
-        A = A.detach().cpu()
-        lam = eigenvalues(A)  # refuses a non-finite Ā (ValueError)
-        return {"eigenvalues": lam.numpy(), records.RHO: float(lam[0].abs()), records.NORM_A: spectral_norm(A),
-                records.NORM_B: norm_b}
+        if math.isnan(s.rho):
+            raise ValueError("Ā has non-finite entries")
+        out = {"eigenvalues": s.eigenvalues.numpy(), records.RHO: s.rho, records.NORM_A: s.norm_a,
+               records.NORM_B: s.norm_b}
+        return out if math.isnan(s.norm_c) else {**out, records.NORM_C: s.norm_c}
+
+    def check(self, step: int, loss: float | Tensor, grad_norm: float | None = None,
+              state_norm: float | None = None) -> Verdict:
+        """The divergence rules on this step's numbers, for a loop that must not apply a
+        diverged update (the trainer under action "stop"): call it before optimizer.step()
+        and skip the update on `.stop`; `step` then records this verdict, not a second one."""
+        verdict = self.divergence.check(step, _number(loss), grad_norm, state_norm)
+        self._checked = (step, verdict)
+        return verdict
 
     def _verdict(self, step: int, values: Mapping[str, float]) -> Verdict:
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] == step:
+            return checked[1]
         if records.LOSS not in values:
             return Verdict()
         return self.divergence.check(step, values[records.LOSS], values.get(records.GRAD_NORM),
@@ -291,9 +359,11 @@ class LoopMonitor:
                                              **{k: v for k, v in spectrum.items() if k != "eigenvalues"})
                 for kind, detail in events:
                     self.writer.log_event(step, kind, detail)
-                if stop and self.writer.status == "running":
+                if stop and self.owns_writer and self.writer.status == "running":
                     self.writer.set_status("diverged", step, stop)
             except (StoreError, OSError, sqlite3.Error, ValueError) as err:
+                if not self.owns_writer:
+                    raise  # the owner's store (the trainer's): its failure is the owner's to handle
                 warnings.warn(f"LoopMonitor: stopped recording to the run store at step {step} ({err}); the sinks "
                               "still get every value", RuntimeWarning, stacklevel=3)
                 self._drop_writer()
@@ -315,7 +385,9 @@ class LoopMonitor:
         """End the run: 'failed' with the exception, else 'diverged' at the first recorded
         crossing of a bound, else 'finished'; close the sinks that can be closed."""
         writer = self.writer
-        if writer is not None:
+        if writer is not None and not self.owns_writer:
+            self.writer = None  # the owner ends the run and closes its writer
+        elif writer is not None:
             try:
                 if writer.status == "running":
                     if failed is not None:
@@ -363,28 +435,33 @@ def _plain(tree: Any) -> Any:
 
 def trainer_callback(monitor: LoopMonitor) -> Any:
     """A transformers.TrainerCallback that calls monitor.step once per optimiser step, with the
-    step's loss when the Trainer logs one (logging_steps = 1 logs every step). The Trainer
-    calls on_step_end before on_log, so a step is recorded at its on_log, or at the next
-    on_step_end (or on_train_end) if nothing was logged for it. transformers is imported only here."""
+    loss, ‖∇‖ and learning rate the Trainer logs for it (logging_steps = 1 logs every step;
+    the Trainer clears the gradients before its step-end hook, so its own pre-clip ‖∇‖ is
+    the one recorded). The Trainer calls on_step_end before on_log, so a step is recorded at
+    its on_log, or at the next on_step_end (or on_train_end) if nothing was logged for it.
+    The monitor measures the model it was attached to (the loop-interface view of the
+    Trainer's model, sharing its parameters, e.g. HrmTextLoop(lm)), on its probe_tokens:
+    the Trainer does not hand its batches to callbacks. transformers is imported only here."""
     from transformers import TrainerCallback
+
+    logged = {records.LOSS: records.LOSS, records.GRAD_NORM: records.GRAD_NORM, "learning_rate": records.LR}
 
     class LoopMonitorCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.pending: tuple[int, Any] | None = None  # (step, model) not yet recorded
+            self.pending: int | None = None  # a step not yet recorded
 
-        def _flush(self, loss: float | None = None) -> None:
+        def _flush(self, given: Mapping[str, float] | None = None) -> None:
             if self.pending is not None:
-                step, model = self.pending
-                self.pending = None
-                monitor.step(step, loss=loss, model=model)
+                step, self.pending = self.pending, None
+                monitor.step(step, scalars=given)
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
+        def on_step_end(self, args, state, control, **kwargs):
             self._flush()
-            self.pending = (state.global_step, model)
+            self.pending = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and records.LOSS in logs and self.pending and self.pending[0] == state.global_step:
-                self._flush(float(logs[records.LOSS]))  # the Trainer's key is the lab's name
+            if logs and records.LOSS in logs and self.pending == state.global_step:
+                self._flush({ours: float(logs[theirs]) for theirs, ours in logged.items() if theirs in logs})
 
         def on_train_end(self, args, state, control, **kwargs):
             self._flush()
@@ -393,5 +470,5 @@ def trainer_callback(monitor: LoopMonitor) -> Any:
     return LoopMonitorCallback()
 
 
-__all__ = ["INTERFACE", "MonitorConfig", "MonitorStep", "LoopMonitor", "TensorBoardSink", "check_interface",
-           "linear_part", "default_depth", "trainer_callback", "unwrap"]
+__all__ = ["INTERFACE", "MonitorConfig", "MonitorStep", "LoopMonitor", "TensorBoardSink", "Spectrum", "check_interface",
+           "linear_part", "default_depth", "state_norms", "injection_spectrum", "trainer_callback", "unwrap"]

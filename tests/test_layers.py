@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": BOTTOM,  # never the store, formats or train
     "formats": BOTTOM | {"model"},
     "analysis": BOTTOM | {"lazy", "model", "formats", "store", "data"},
-    "train": BOTTOM | {"model", "formats", "analysis", "data", "experiment", "store"},
+    "train": BOTTOM | {"model", "formats", "analysis", "data", "experiment", "store", "monitor"},  # via LoopMonitor
     "targets": BOTTOM | {"model", "formats", "analysis", "data", "experiment", "store", "train"},
     "analyze": BOTTOM | {"model", "formats", "analysis", "store", "targets"},
     "monitor": BOTTOM | {"model", "formats", "analysis", "store"},

@@ -49,20 +49,22 @@ def plain_loop(monitor, model, steps=6, lr=1e-3):
 
 def test_a_plain_loop_writes_a_run_that_the_labs_readers_read(tmp_path):
     model = tiny()
+    every = MonitorConfig().radius_every
     with LoopMonitor(model, tmp_path, "plain", config=MonitorConfig(spectrum_every=2)) as monitor:
-        steps = plain_loop(monitor, model)
+        steps = plain_loop(monitor, model, steps=every)
     runs = list_runs(tmp_path)
-    assert list(runs["run_id"]) == ["plain"] and runs["status"][0] == "finished" and runs["last_step"][0] == 6
+    assert list(runs["run_id"]) == ["plain"] and runs["status"][0] == "finished" and runs["last_step"][0] == every
     run = open_run("plain", tmp_path)
     names = set(run.scalar_names())
     assert {records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.RADIUS_ESTIMATE,
             records.CONTRACTION_RATE, records.TOKENS} <= names
-    assert list(run.spectra()["step"]) == [2, 4, 6]
+    assert list(run.spectra()["step"]) == list(range(2, every + 1, 2))
     report = analyse_run(run)
     assert report.divergence is None and report.outcomes()["any"] == "quiet"
     assert main(["events", str(run.path)]) == 0 and main(["runs", str(tmp_path)]) == 0
-    radii = [s.values[records.RADIUS_ESTIMATE] for s in steps]
-    assert all(0 < r < 10 and math.isfinite(r) for r in radii)
+    radii = {i: s.values[records.RADIUS_ESTIMATE] for i, s in enumerate(steps, 1)
+             if records.RADIUS_ESTIMATE in s.values}
+    assert list(radii) == [every] and all(0 < r < 10 for r in radii.values())
     assert all(0 < s.values[records.CONTRACTION_RATE] < 10 for s in steps)
 
 
@@ -98,7 +100,7 @@ def test_the_radius_on_a_frozen_model_converges_to_the_analysis_probes_radius(tm
         out = model(x, depth=3, h0=h0)
     dense = loop_jacobian(model, x, 3, position=-1, h0=h0, k=1, method="dense").radius
     model.train()
-    with LoopMonitor(model, None, config=MonitorConfig(grad_norm=False)) as monitor:
+    with LoopMonitor(model, None, config=MonitorConfig(grad_norm=False, radius_every=1)) as monitor:
         radii = [monitor.step(s, model=model, tokens=x, state=out.state).values[records.RADIUS_ESTIMATE]
                  for s in range(1, 21)]
     assert radii[-1] == pytest.approx(dense, rel=0.01)
@@ -107,7 +109,7 @@ def test_the_radius_on_a_frozen_model_converges_to_the_analysis_probes_radius(tm
 def test_without_a_state_the_monitor_runs_the_loop_on_its_probe_tokens(tmp_path):
     model = tiny()
     probe, _ = next(batches(1, batch=2))
-    monitor = LoopMonitor(model, None, probe_tokens=probe)
+    monitor = LoopMonitor(model, None, probe_tokens=probe, config=MonitorConfig(radius_every=1))
     before = torch.get_rng_state()
     values = monitor.step(1, loss=2.0).values
     assert math.isfinite(values[records.RADIUS_ESTIMATE])
@@ -122,8 +124,9 @@ def test_sinks_get_every_value_and_tensorboard_gets_prefixed_scalars():
             scalars.append((tag, value, step))
 
     model = tiny()
-    monitor = LoopMonitor(model, None, sinks=[lambda step, values: seen.append((step, dict(values))),
-                                              TensorBoardSink(writer=FakeSummaryWriter())])
+    monitor = LoopMonitor(model, None, config=MonitorConfig(radius_every=1),
+                          sinks=[lambda step, values: seen.append((step, dict(values))),
+                                 TensorBoardSink(writer=FakeSummaryWriter())])
     plain_loop(monitor, model, steps=2)
     assert [s for s, _ in seen] == [1, 2] and records.RADIUS_ESTIMATE in seen[0][1]
     assert ("loop/" + records.LOSS, seen[1][1][records.LOSS], 2) in scalars
@@ -154,10 +157,11 @@ def test_a_non_finite_state_is_a_probe_error_event_not_a_crash(tmp_path):
     out = model(x, y)
     state = out.state.detach().clone()
     state[0, -1, 0] = math.nan
-    with LoopMonitor(model, tmp_path, "nan") as monitor:
+    with LoopMonitor(model, tmp_path, "nan", config=MonitorConfig(radius_every=1)) as monitor:
         with pytest.warns(RuntimeWarning, match="non-finite"):
             result = monitor.step(1, loss=out.loss, model=model, tokens=x, state=state)
-    assert records.RADIUS_ESTIMATE not in result.values
+        after = monitor.step(2, loss=out.loss, model=model, tokens=x, state=out.state)  # training went on
+    assert records.RADIUS_ESTIMATE not in result.values and math.isfinite(after.values[records.RADIUS_ESTIMATE])
     events = open_run("nan", tmp_path).events()
     assert records.PROBE_ERROR in set(events["kind"])
     assert math.isnan(result.values[records.STATE_NORM])  # data, kept: ‖h_T‖ of an overflowed state
@@ -225,8 +229,8 @@ def test_a_model_without_a_linear_part_has_no_spectrum(tmp_path):
 
 
 def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_path):
-    """The hooks the transformers Trainer calls, called as it calls them (the Trainer itself
-    needs `accelerate`, which the lab does not install)."""
+    """The hooks the transformers Trainer calls, called as it calls them, including a step
+    that logs nothing (the real Trainer: tests/test_monitor_hf.py)."""
     pytest.importorskip("transformers")
     from types import SimpleNamespace
 
@@ -234,7 +238,7 @@ def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_pa
 
     model = tiny()
     probe, _ = next(batches(1, batch=1))
-    monitor = LoopMonitor(model, tmp_path, "hf", probe_tokens=probe)
+    monitor = LoopMonitor(model, tmp_path, "hf", probe_tokens=probe, config=MonitorConfig(radius_every=1))
     callback = trainer_callback(monitor)
     for step in (1, 2, 3, 4):
         state = SimpleNamespace(global_step=step)
@@ -251,8 +255,9 @@ def test_the_transformers_callback_steps_the_monitor_with_the_logged_loss(tmp_pa
 
 def test_a_run_recorded_by_the_monitor_holds_the_trainers_numbers(tmp_path, corpus_cache):
     """experiments/monitored.py is the trainer's step written as a plain loop: the same
-    experiment recorded by the trainer and by the monitor has the same loss, ‖∇‖ and ‖h_T‖
-    at every step, and the same divergence verdicts."""
+    experiment recorded by the trainer (radius and contraction rate on) and by the monitor
+    has the same loss, ‖∇‖, ‖h_T‖, radius estimate and contraction rate at every step, and
+    the same divergence verdicts."""
     import sys
 
     from stabilitylab.experiment import load_experiment
@@ -263,12 +268,13 @@ def test_a_run_recorded_by_the_monitor_holds_the_trainers_numbers(tmp_path, corp
 
     exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml",
                           [f"data.cache_dir={corpus_cache}", "train.steps=4", "train.eval_every=0",
-                           "train.checkpoint_every=0"])
+                           "train.checkpoint_every=0", "probes.radius_every=1", "probes.rate_every=1"])
     train(exp, tmp_path, "trainer", progress=False)
-    train_monitored(exp, tmp_path, "monitor")
-    names = [records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.STATE_NORM_MEAN, records.LR]
+    train_monitored(exp, tmp_path, "monitor", MonitorConfig(radius_every=1))
+    names = [records.LOSS, records.GRAD_NORM, records.STATE_NORM, records.STATE_NORM_MEAN, records.LR,
+             records.RADIUS_ESTIMATE, records.CONTRACTION_RATE]
     by_trainer, by_monitor = (open_run(r, tmp_path).scalars(names).pivot(index="step", columns="name", values="value")
                               for r in ("trainer", "monitor"))
-    assert len(by_trainer) == 4
+    assert len(by_trainer) == 4 and by_trainer.notna().all().all()
     pd.testing.assert_frame_equal(by_trainer, by_monitor, check_exact=True)
     assert open_run("monitor", tmp_path).status()["status"] == open_run("trainer", tmp_path).status()["status"]

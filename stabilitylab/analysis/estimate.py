@@ -34,12 +34,14 @@ Two signals, both per training step:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from stabilitylab.analysis.maps import Map, at_position, batched_jvp, orthonormal_rows, position_mask, work_dtype
+from stabilitylab.model import LoopedLM
 
 BLOCK = 2  # JVPs per step: two carry a conjugate pair
 MEMORY = 16  # basis columns before a restart: 8 steps of 2 JVPs (8 was too few where moduli cluster)
@@ -186,6 +188,46 @@ def causal_prefix(tokens: Tensor, state: Tensor, position: int, rows: int) -> tu
     return tokens[:rows, :p + 1], state[:rows, :p + 1], -1
 
 
+def last_position_map(model: LoopedLM, tokens: Tensor) -> Callable[[Tensor], tuple[Tensor, Map]]:
+    """For the loop map F(·; e) of `tokens`: h ↦ (F(h), g_h) with g_h(x) = F(h with h[:, p] = x)[:, p]
+    at the last position p = T − 1, the per-token view whose Jacobian is ∂F[p]/∂h[p].
+
+    Under causal attention the positions before p never see p, so their keys and values
+    in every core block are constants of h: they are cached while computing F(h), and
+    g_h runs the core blocks on the single position p against them (Block's `past`). A JVP
+    of g_h then carries its tangent through one position instead of all T. The same
+    numbers as the forward's loop to float rounding (tested against at_position).
+    LoopedLM-only (its blocks, value embeddings and RoPE tables): the loop interface has
+    no per-position step; other models take the interface's path (probe_view). Only g_h
+    needs the math attention kernel (for its JVPs); h ↦ F(h) runs on any.
+    """
+    e = model.encode(tokens)
+    injection, blocks = model.injection, list(model.core)
+    A, u = injection.transition(), injection.drive(e)
+    P = model.cfg.n_prelude
+    ves = model._value_embeds(tokens, range(P, P + len(blocks)))
+    ropes = [model._rope(block) for block in blocks]
+
+    def step(h: Tensor, image: bool = True) -> tuple[Tensor | None, Map]:
+        """(F(h), g_h); image=False skips F(h) (the last block's output: g_h needs only
+        the keys and values of its input) and returns (None, g_h)."""
+        z, pasts = injection.step(h, A, u), []
+        for i, (block, rope, ve) in enumerate(zip(blocks, ropes, ves)):
+            k, v = block.keys_values(z, rope, ve)
+            pasts.append((k[:, :-1], v[:, :-1]))
+            z = block(z, rope, ve) if image or i < len(blocks) - 1 else None
+
+        def g(x: Tensor) -> Tensor:
+            y = injection.step(x[:, None], A, u[:, -1:])
+            for block, rope, ve, past in zip(blocks, ropes, ves, pasts):
+                y = block(y, rope, None if ve is None else ve[:, -1:], past)
+            return y[:, 0]
+
+        return z, g
+
+    return step
+
+
 # ---- the loop trace ---------------------------------------------------------------------------------
 
 def trace_rate(delta: Tensor | np.ndarray | list[float]) -> float:
@@ -205,4 +247,5 @@ def trace_rate(delta: Tensor | np.ndarray | list[float]) -> float:
     return float((last / mid) ** (1.0 / (T - m)))
 
 
-__all__ = ["BLOCK", "MEMORY", "RadiusEstimate", "RadiusTracker", "probe_view", "causal_prefix", "trace_rate"]
+__all__ = ["BLOCK", "MEMORY", "RadiusEstimate", "RadiusTracker", "probe_view", "causal_prefix", "last_position_map",
+           "trace_rate"]

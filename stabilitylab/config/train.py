@@ -110,6 +110,8 @@ class ProbeConfig:
     trace_every: int = number(10, "[0, inf)")  # loop trace over iterations t = 1..T on the probe batch
     spectrum_every: int = number(10, "[0, inf)")  # eigenvalues of Ā, ρ(Ā), ‖Ā‖₂, ‖B̄‖₂, ‖C‖₂, ‖e‖
     analysis_every: int = number(0, "[0, inf)")  # Jacobian spectrum and Lyapunov exponents (stabilitylab.analysis)
+    radius_every: int = number(0, "[0, inf)")  # ρ(∂F/∂h) estimate at the training batch's h_T (LoopMonitor)
+    rate_every: int = number(0, "[0, inf)")  # contraction rate of the training forward's own loop trace
     trace_depth: int | str = "2mu"  # loop iterations of the trace: an int or "<k>mu"
     batch_size: int = number(2, "(0, inf)")  # sequences of the fixed probe batch (the first validation windows)
 

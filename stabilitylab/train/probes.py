@@ -1,8 +1,11 @@
 """What the trainer measures, and how often.
 
-Every step (cheap; the trainer logs them):
+Every step, recorded through the trainer's LoopMonitor (stabilitylab.monitor: the code
+path of a user's own loop, so both record the same numbers):
     grad_norms       ‖∇‖ per parameter role (optim.ROLES) and in total
     state_norms      max and mean per-token ‖h_T‖ of the step's final recurrent state
+    radius estimate  ρ(∂F/∂h) at the training forward's h_T, warm-started (probes.radius_every; off
+                     by default) and the contraction rate of its own trace (probes.rate_every; off)
 
 Every N steps, on a fixed probe batch (validation windows) with a fixed h_0, under
 torch.no_grad and touching no RNG that training uses (`Probes.run`):
@@ -22,8 +25,6 @@ So probes on or off leave the loss curve bit for bit the same (a test checks it)
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -31,12 +32,14 @@ import torch
 from torch import Tensor
 
 from stabilitylab import records
-from stabilitylab.analysis import eigenvalues, jacobian_spectral_radius, spectral_norm
+from stabilitylab.analysis import jacobian_spectral_radius
+from stabilitylab.analysis.estimate import last_position_map
 from stabilitylab.analysis.maps import batched_jvp, checked_map, math_attention, orthonormal_rows, work_dtype
 from stabilitylab.config import ProbeConfig, resolve_depth
 from stabilitylab.data import Corpus
 from stabilitylab.model import Depth, LoopedLM, LoopTrace
 from stabilitylab.model.looped import _TraceRecorder
+from stabilitylab.monitor import Spectrum, injection_spectrum, state_norms
 from stabilitylab.store import RunWriter
 
 DENSE_MAX_BLOCK = 256  # analysis probe: dense per-sequence Jacobian blocks up to this d_state, Krylov beyond
@@ -51,80 +54,16 @@ def grad_norms(roles: dict[str, list[torch.nn.Parameter]], device: torch.device)
     return out
 
 
-def state_norms(state: Tensor) -> tuple[Tensor, Tensor]:
-    """(max, mean) over tokens of the per-token ‖h_T‖ (norm over the state channels)."""
-    norms = state.detach().float().norm(dim=-1)
-    return norms.max(), norms.mean()
-
-
 def loop_trace(model: LoopedLM, tokens: Tensor, depth: int, h0: Tensor) -> LoopTrace:
     """The LoopTrace of model(tokens, depth=depth, h0=h0, trace=True), without the coda and
-    the head that the forward would run after the loop (the same numbers, bit for bit)."""
+    the head that the forward would run after the loop (the same numbers, bit for bit). It
+    uses LoopedLM's own loop function and trace recorder, not the interface's loop_map: that
+    one runs attention on the math kernel (for JVPs), which the forward does not, so its
+    trace would differ from the forward's at float rounding."""
     e = model.encode(tokens)
     recorder = _TraceRecorder(e, h0)
     model.loop(model._loop_fn(e, tokens), h0, Depth(depth, 0), recorder)
     return recorder.result()
-
-
-@dataclass
-class Spectrum:
-    """The injection's linear part at one step."""
-
-    eigenvalues: Tensor  # complex128, every eigenvalue of Ā
-    rho: float  # ρ(Ā) = max |λ|
-    norm_a: float  # ‖Ā‖₂
-    norm_b: float  # ‖B̄‖₂
-    norm_c: float  # ‖C‖₂ (the readout)
-
-
-@torch.no_grad()
-def injection_spectrum(model: LoopedLM) -> Spectrum:
-    """Eigenvalues of Ā and ‖Ā‖₂ in float64 (stabilitylab.analysis.spectra: a diagonal Ā is
-    its own eigenvalues); ‖B̄‖₂ and ‖C‖₂ as the largest singular values, computed on the
-    device in the weights' dtype (torch.linalg.svdvals; float32 agrees with float64 to
-    ~1e-6 relative) and read back in one sync. A non-finite Ā has no spectrum: NaN throughout."""
-    A = model.injection.transition().detach().cpu()
-    norms = [torch.linalg.svdvals(M.detach().float())[0] for M in (model.injection.input_matrix(), model.readout.weight)]
-    norm_b, norm_c = torch.stack(norms).tolist()
-    if not torch.isfinite(A).all():
-        return Spectrum(torch.empty(0, dtype=torch.complex128), math.nan, math.nan, norm_b, norm_c)
-    lam = eigenvalues(A)  # sorted by modulus, descending
-    return Spectrum(lam, float(lam[0].abs()), spectral_norm(A), norm_b, norm_c)
-
-
-def last_position_map(model: LoopedLM, tokens: Tensor) -> Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]:
-    """For the loop map F(·; e) of `tokens`: h ↦ (F(h), g_h) with g_h(x) = F(h with h[:, p] = x)[:, p]
-    at the last position p = T − 1, the per-token view whose Jacobian is ∂F[p]/∂h[p].
-
-    Under causal attention the positions before p never see p, so their keys and values
-    in every core block are constants of h: they are cached while computing F(h), and
-    g_h runs the core blocks on the single position p against them (Block's `past`). A JVP
-    of g_h then carries its tangent through one position instead of all T. The same
-    numbers as the forward's loop to float rounding (tested against at_position).
-    """
-    e = model.encode(tokens)
-    injection, blocks = model.injection, list(model.core)
-    A, u = injection.transition(), injection.drive(e)
-    P = model.cfg.n_prelude
-    ves = model._value_embeds(tokens, range(P, P + len(blocks)))
-    ropes = [model._rope(block) for block in blocks]
-
-    def step(h: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        z, pasts = injection.step(h, A, u), []
-        for block, rope, ve in zip(blocks, ropes, ves):
-            k, v = block.keys_values(z, rope, ve)
-            pasts.append((k[:, :-1], v[:, :-1]))
-            z = block(z, rope, ve)
-
-        def g(x: Tensor) -> Tensor:
-            y = injection.step(x[:, None], A, u[:, -1:])
-            for block, rope, ve, past in zip(blocks, ropes, ves, pasts):
-                y = block(y, rope, None if ve is None else ve[:, -1:], past)
-            return y[:, 0]
-
-        return z, g
-
-    return step
 
 
 def last_position_lyapunov(step: Callable, h0: Tensor, steps: int, k: int, seed: int = 0) -> tuple[np.ndarray, Tensor]:

@@ -10,9 +10,11 @@ One step s = 1..S:
              seeded by (seed, s); `zero` and `seeded` need no draw
     loss   = mean over grad_accum micro-batches; backward; DDP all-reduces (FSDP reduce-scatters) ∇
     clip   = ‖∇‖ per parameter role and in total; scale ∇ down to grad_clip
-    check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (analysis/divergence.py)
+    check  = divergence rules on (loss, ‖∇‖, max ‖h_T‖)                (LoopMonitor.check)
     step   = AdamW (and Muon) — unless the run diverged here
-    record = per-step scalars; probes, evaluation and checkpoint on their cadences
+    record = per-step scalars through the run's LoopMonitor (stabilitylab.monitor: the code path
+             of a user's own loop), with the radius estimate and contraction rate when
+             probes.radius_every / rate_every ask; probes, evaluation and checkpoint on their cadences
 
 Nothing in training reads torch's global RNG after the model is initialised: batches,
 depths and initial states follow from (seed, step). So a resumed run reproduces the
@@ -23,6 +25,7 @@ processes see exactly the rows of one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import subprocess
 import sys
@@ -41,9 +44,9 @@ from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from stabilitylab.train.compiling import compile_blocks, compile_pays, eager
-from stabilitylab.analysis.divergence import DivergenceMonitor
 from stabilitylab.train.evaluate import evaluate, global_initial_state, stream_seed
 from stabilitylab.train.optim import build_optimizers, lr_factor, parameter_roles, set_lr
+from stabilitylab.monitor import LoopMonitor, MonitorConfig
 from stabilitylab.train.probes import Probes, grad_norms, state_norms
 
 H0_SALT = 0x40  # the training h_0 stream, apart from batches (data.py) and depths (depth.py)
@@ -92,6 +95,10 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     if B % (W * G):
         raise ConfigError("train.batch_size", f"{B} does not split into {W} processes × {G} micro-batches",
                           "Choose batch_size divisible by nproc-per-node · grad_accum", source=source)
+    if exp.probes.radius_every and W > 1 and tc.parallel == "fsdp":
+        raise ConfigError("probes.radius_every", "needs the whole model on rank 0 at every step; FSDP shards it",
+                          "Set probes.radius_every = 0 under FSDP, or train with train.parallel = \"ddp\"",
+                          source=source)
     corpus = _corpus(exp, source, process)
     kind = "shards'" if is_shards(exp.data.source) else exp.data.tokenizer
     if (corpus.vocab_size or 0) > cfg.vocab_size:
@@ -119,7 +126,6 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     torch.manual_seed(tc.seed)
     model = LoopedLM(cfg).to(device)
     model.recompute_core = tc.activation_checkpointing
-    monitor = DivergenceMonitor(exp.divergence)
     totals = {records.TOKENS: 0, records.FLOPS: 0.0, records.WALL_TIME: 0.0}
     start, rho = 0, math.nan
     if checkpoint:  # full weights into the whole model, before any sharding
@@ -135,7 +141,6 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     roles = parameter_roles(model)
     if checkpoint:
         distributed.load_optimizer_states(model, optimizers, state["optimizers"])
-        monitor.load_state_dict(state["monitor"])
         totals, rho = state["totals"], state["rho"]
         torch.set_rng_state(state["rng"].cpu())
     sharded = distributed.is_sharded(model)
@@ -172,6 +177,15 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
         writer = (RunWriter.resume(run_dir, start) if resume else
                   RunWriter.create(lab, run_id, exp.to_dict(), experiment=exp.name, sweep_cell=sweep_cell,
                                    seed=tc.seed, git_commit=_git_commit()))
+    # every rank applies the divergence rules to the same all-reduced numbers; rank 0 records
+    monitor = LoopMonitor(model, None, writer=writer, config=MonitorConfig(
+        radius_every=exp.probes.radius_every if process.main and cfg.looped else 0, spectrum_every=0,
+        grad_norm=False, divergence=exp.divergence), seed=tc.seed)
+    rate_every = exp.probes.rate_every if process.main and cfg.looped else 0
+    if checkpoint:
+        monitor.divergence.load_state_dict(state["monitor"])
+        if "tracker" in state:
+            monitor.tracker.load_state_dict(state["tracker"])
     status = "finished"
 
     # ---- the loop ------------------------------------------------------------------------
@@ -187,8 +201,9 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
             depth = sample_depth(cfg, step, tc.seed, B, seq_len)
             h0 = (global_initial_state(model, stream_seed(tc.seed, step, H0_SALT), (B, seq_len), rank_rows, device)
                   if cfg.looped else None)
-            loss, norm_max, norm_mean = _forward_backward(ddp, x.to(device), y.to(device),
-                                                          _take(depth, rank_rows), h0, G, autocast)
+            traced = bool(rate_every) and step % rate_every == 0
+            loss, norm_max, norm_mean, first = _forward_backward(ddp, x.to(device), y.to(device),
+                                                                 _take(depth, rank_rows), h0, G, autocast, traced)
             loss, norm_mean = distributed.all_reduce(torch.stack([loss, norm_mean]), "mean")
             norm_max = distributed.all_reduce(norm_max, "max")
             norms = {role: distributed.full(norm) for role, norm in grad_norms(roles, device).items()}
@@ -210,17 +225,16 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
             flops = training_flops_per_token(cfg, seq_len, n_mean, k_mean, params=params).total
             totals[records.FLOPS] += flops * B * seq_len
             totals[records.WALL_TIME] = time.perf_counter() - clock
-            if writer:
-                scalars = {records.LOSS: loss_v, records.LR: tc.lr * factor, records.GRAD_NORM: total_v,
-                           **{records.GRAD_NORM_ROLE.format(role=role): v for role, v in zip(norms, values[4:])},
-                           records.TOKENS_PER_S: B * seq_len / seconds, **totals}
-                if cfg.looped:  # the GPT baseline has no loop: no depths, no state
-                    scalars |= {records.DEPTH_N_MEAN: n_mean, records.DEPTH_K_MEAN: k_mean,
-                                records.DEPTH_TOTAL_MAX: depth.total_max, records.STATE_NORM: norm_max_v,
-                                records.STATE_NORM_MEAN: norm_mean_v}
-                writer.log(step, scalars)
-                for kind, detail in verdict.events:
-                    writer.log_event(step, kind, detail)
+            scalars = {records.LOSS: loss_v, records.LR: tc.lr * factor, records.GRAD_NORM: total_v,
+                       **{records.GRAD_NORM_ROLE.format(role=role): v for role, v in zip(norms, values[4:])},
+                       records.TOKENS_PER_S: B * seq_len / seconds, **totals}
+            if cfg.looped:  # the GPT baseline has no loop: no depths, no state
+                scalars |= {records.DEPTH_N_MEAN: n_mean, records.DEPTH_K_MEAN: k_mean,
+                            records.DEPTH_TOTAL_MAX: depth.total_max, records.STATE_NORM: norm_max_v,
+                            records.STATE_NORM_MEAN: norm_mean_v}
+            tokens, h_T, trace = first
+            with eager():  # the radius JVP never compiles (as the probes)
+                monitor.step(step, tokens=tokens, state=h_T, trace=trace, scalars=scalars)  # logs the verdict's events
 
             if verdict.stop:  # the run ends here; what it recorded stays, and so do its checkpoints
                 probe(step, force=True)
@@ -240,14 +254,16 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
                 weights, opt_states = distributed.full_state(model), distributed.full_optimizer_states(model, optimizers)
                 if writer:  # the one-process format, whatever the parallelism
                     state = {"step": step, "optimizers": opt_states, "rng": torch.get_rng_state(),
-                             "monitor": monitor.state_dict(), "totals": dict(totals), "rho": rho}
+                             "monitor": monitor.divergence.state_dict(), "totals": dict(totals), "rho": rho}
+                    if monitor.config.radius_every:  # the estimate's subspace: a resumed estimate stays warm
+                        state["tracker"] = monitor.tracker.state_dict()
                     save_checkpoint(writer, step, weights, state)
                     prune_checkpoints(writer, Run(run_dir, run_id), tc.keep_checkpoints)
             bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{B * seq_len / seconds:,.0f}", rho=f"{rho:.3f}",
                             refresh=False)  # update() redraws, at most every mininterval
             bar.update(1)
-        if monitor.first and status == "finished":  # action "record": it diverged, and we watched
-            first_step, detail = monitor.first
+        if monitor.divergence.first and status == "finished":  # action "record": it diverged, and we watched
+            first_step, detail = monitor.divergence.first
             status = "diverged"
             if writer:
                 writer.set_status("diverged", first_step, f"{detail} (recorded; trained on to step {tc.steps})")
@@ -255,22 +271,27 @@ def _train(exp: ExperimentConfig, lab: Path, run_id: str, resume: bool, checkpoi
     return status
 
 
-def _forward_backward(ddp, x, y, depth: Depth, h0, micro_batches: int, autocast):
+def _forward_backward(ddp, x, y, depth: Depth, h0, micro_batches: int, autocast, trace: bool = False):
     """Forward and backward over the micro-batches of this rank's rows (DDP syncs the
-    gradients on the last); returns (mean loss, max ‖h_T‖, mean ‖h_T‖) on the device."""
+    gradients on the last); returns (mean loss, max ‖h_T‖, mean ‖h_T‖) on the device and
+    the first micro-batch's (tokens, h_T, LoopTrace if `trace` else None) for the monitor."""
     loss, norm_max, norm_mean = (torch.zeros((), device=x.device) for _ in range(3))
     size = len(x) // micro_batches
+    first = (None, None, None)
     for j in range(micro_batches):
         rows = slice(j * size, (j + 1) * size)
         with distributed.sync_context(ddp, last_micro_batch=j == micro_batches - 1):
             with autocast():
-                out = ddp(x[rows], y[rows], depth=_take(depth, rows), h0=None if h0 is None else h0[rows])
+                out = ddp(x[rows], y[rows], depth=_take(depth, rows), h0=None if h0 is None else h0[rows],
+                          trace=trace and j == 0)
             (out.loss / micro_batches).backward()
         loss += out.loss.detach().float() / micro_batches
         if out.state is not None:  # None for the GPT baseline
             m, mean = state_norms(out.state)
             norm_max, norm_mean = torch.maximum(norm_max, m), norm_mean + mean / micro_batches
-    return loss, norm_max, norm_mean
+            if j == 0:
+                first = (x[rows], out.state.detach(), out.trace)
+    return loss, norm_max, norm_mean, first
 
 
 def _corpus(exp: ExperimentConfig, source: str | Path | None, process: distributed.Process):
@@ -295,14 +316,30 @@ EXECUTION_FIELDS = ("train.parallel", "train.param_dtype", "train.activation_che
 
 
 def _check_same_config(run: Run, exp: ExperimentConfig) -> None:
-    """Refuse to resume a run with a config other than its own (EXECUTION_FIELDS may differ)."""
-    stored, current = run.meta()["config"], exp.to_dict()
-    differ = [key for key in sorted(set(_leaves(stored)) | set(_leaves(current)))
-              if _leaves(stored).get(key) != _leaves(current).get(key) and key not in EXECUTION_FIELDS]
+    """Refuse to resume a run with a config other than its own (EXECUTION_FIELDS may differ).
+    A field the stored config lacks is the same if the current value is its default: a
+    field added to the lab since the run started (e.g. probes.radius_every) changes nothing."""
+    stored, current = _leaves(run.meta()["config"]), _leaves(exp.to_dict())
+    differ = [key for key in sorted(set(stored) | set(current))
+              if stored.get(key) != current.get(key) and key not in EXECUTION_FIELDS
+              and not (key not in stored and current[key] == _default(exp, key))]
     if differ:
         raise ConfigError(", ".join(differ[:5]), "differs from the config the run was trained with",
                           f"Resume with the run's own settings (see {run.path / 'config.json'}), or train a "
                           "new run (--run-id)", source=run.path)
+
+
+def _default(exp: ExperimentConfig, key: str):
+    """The dataclass default of the config field at dotted `key` ("probes.radius_every"), or a
+    sentinel that equals nothing when the field has none."""
+    *path, name = key.split(".")
+    section = exp
+    for part in path:
+        section = getattr(section, part, None)
+    for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    return object()
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
