@@ -7,7 +7,8 @@ Muon groups, schedule and clipping, single process, no grad accumulation; the sa
 losses bit for bit, tests/test_monitor.py), written out as a user would write it, so that the monitor's every-step signals (radius estimate,
 contraction rate) exist for the warning benchmark: the trainer does not record them
 yet. Each cell is the run lab/<experiment>/<cell id>; a cell already in the lab is
-skipped. Divergence is recorded (the run goes on to its last step, as action "record").
+skipped. The experiment's [divergence] action decides what a divergence does: "record" trains on
+to the last step, "stop" ends the run there, as diverged (a user's loop breaking on `.stop`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def train_monitored(exp, lab: str | Path, run_id: str, monitor_config: MonitorCo
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, total)
             for opt in optimizers:
                 opt.step()
-            if watch:
-                watch.step(step, loss=out.loss, model=model, tokens=x, state=out.state, trace=out.trace,
-                           **{records.GRAD_NORM: float(total), records.LR: tc.lr * factor, records.TOKENS_PER_S: B * seq_len / (time.perf_counter() - t0)})
+            verdict = watch and watch.step(
+                step, loss=out.loss, model=model, tokens=x, state=out.state, trace=out.trace,
+                **{records.GRAD_NORM: float(total), records.LR: tc.lr * factor,
+                   records.TOKENS_PER_S: B * seq_len / (time.perf_counter() - t0)})
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            if verdict and verdict.stop:
+                break
     except BaseException as err:
         if watch:
             watch.close(err)
