@@ -79,7 +79,7 @@ def sustained(series: pd.Series, level: float, window: int, patience: int) -> tu
     """(m, fires), on every step from the series' first to its last: m_s = the median of the
     series over the last `window` steps (a sparse series holds its last measurement between
     two, so the window is a span of training, whatever the cadence; NaN before `window` steps;
-    a non-finite measurement counts as +∞, an overflow), and fires where m > `level` has held
+    a non-finite measurement counts as the largest float, an overflow), and fires where m > `level` has held
     on `patience` consecutive steps.
 
     Two filters, each against a different kind of noise: the median ignores up to half the
@@ -87,7 +87,8 @@ def sustained(series: pd.Series, level: float, window: int, patience: int) -> tu
     the level, once crossed, stay crossed (a series that hovers at the level and falls back).
     "> level", not "≥": a series sitting exactly at the level (add's ρ(Ā) = 1) does not cross it."""
     values = series.to_numpy(dtype=float)
-    clean = pd.Series(np.where(np.isnan(values) | np.isposinf(values), np.inf, values), index=series.index)
+    clean = pd.Series(np.where(np.isnan(values) | np.isposinf(values), np.finfo(float).max, values),
+                      index=series.index)  # finite: a rolling median over inf is NaN
     steps = np.arange(int(series.index.min()), int(series.index.max()) + 1) if len(series) else np.array([], int)
     m = clean.reindex(steps, method="ffill").rolling(window, min_periods=window).median()
     return m, held((m > level).to_numpy(), patience)
