@@ -209,3 +209,20 @@ def test_score_warnings_tunes_on_some_seeds_and_reports_on_the_others(tmp_path):
     w = report["settings"]["loop_window"]
     assert row["median_lead_steps"] == 50 - w // 2  # radius 1.5 from step 100, divergence at 150
     assert {r["run"] for r in report["runs"]["held_out"]} == {"bad2", "good2", "bad3", "good3"}
+
+
+# ---- experiments/report.py: §C2's generated block -----------------------------------------------
+
+def test_report_rewrites_only_the_marked_block(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import report
+
+    doc = tmp_path / "REPORT.md"
+    doc.write_text("# C1\nkept\n<!-- c2:begin -->\nold\n<!-- c2:end -->\n# C3\nkept too\n")
+    assert report.write_block(doc, "c2", "new\ntable")
+    assert doc.read_text() == "# C1\nkept\n<!-- c2:begin -->\nnew\ntable\n<!-- c2:end -->\n# C3\nkept too\n"
+    assert not report.write_block(doc, "c9", "x") and not report.write_block(tmp_path / "none.md", "c2", "x")
+    rows = [{"signal": "forecast", "early": 2, "late": 0, "missed": 0, "false_alarm": 1, "censored": 0,
+             "recall": 1.0, "precision": 2 / 3, "median_lead_steps": 20.0, "p10_lead_steps": 12.0,
+             "median_lead_tokens": 5120.0, "false_alarms_per_1000_healthy_steps": math.nan}]
+    assert report.score_rows(rows) == ["| **combined warning** | 2 | 0 | 0 | 1 | 0 | 1.00 | 0.67 | 20 | 12 | 5,120 | — |"]
