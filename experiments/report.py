@@ -503,6 +503,12 @@ def summary(results: dict) -> str:
         lines.append(f"C2  signal {row['signal']:<11} runs {row['runs']}: early {row['early']}, late {row['late']}, "
                      f"missed {row['missed']}, false alarms {row['false_alarm']}, recall {row['recall']:.2f}, "
                      f"precision {row['precision']:.2f}, median lead {row['median_lead_steps']} steps")
+    for lab, rows in ((r.get("c2_forecast") or {}).get("strict") or {}).items():
+        f = next((row for row in rows if row["signal"] == "forecast"), None)
+        if f and lab != "pooled":
+            lines.append(f"C2  combined warning, held out on {lab}: recall {f['recall']:.2f}, precision "
+                         f"{f['precision']:.2f}, median lead {f['median_lead_steps']} steps, false alarms / 1000 "
+                         f"healthy steps {f['false_alarms_per_1000_healthy_steps']:.2f}")
     for name, g in r["c3"]["groups"].items():
         val = ", ".join(f"T={d}: {v:.3f} (ppl {math.exp(v):.2f})" for d, v in g["val_loss_mean"].items())
         lines.append(f"C3  per {name}: spikes {g['spikes_per_run']}; val loss {val}")
