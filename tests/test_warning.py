@@ -179,6 +179,7 @@ def test_events_censor_needs_score(tmp_path, capsys):
             w.log(step, {"loss": 3.0, "h_T_norm": 50.0})
         w.set_status("finished", 29, "done")
     assert main(["events", str(tmp_path / "r"), "--censor", "50"]) == 2
+    assert main(["events", str(tmp_path / "r"), "--score", "--censor", "nan"]) == 2
     assert main(["events", str(tmp_path / "r"), "--score", "--censor", "50"]) == 0
     assert "censored" in capsys.readouterr().out
 

@@ -350,6 +350,8 @@ def events(args: argparse.Namespace) -> int:
                          loop_level=args.loop_level)
     if args.censor is not None and not args.score:
         raise UsageError("--censor", "counts censored false alarms in the score table", "Add --score")
+    if args.censor is not None and not args.censor >= 0:
+        raise UsageError("--censor", f"must be a number of steps ≥ 0, got {args.censor}", "Pass e.g. --censor 50")
     target = Path(args.target)
     lab_runs = not (target / DB_NAME).is_file() and target.is_dir() and find_runs(target)
     reports = []
