@@ -229,8 +229,10 @@ def c2_markdown(c2: dict) -> str:
                          f"{_cell(r['lead_steps'], 'd')} |")
         ahead = [r["lead_steps"] for r in late if r["diverged_at"] >= 100 and r["outcome"] == "early"]
         n100 = sum(r["diverged_at"] >= 100 for r in late)
-        lines += ["", f"{n100} of {len(late)} held-out divergences are ≥ 100 steps in; the combined warning's "
-                      f"median lead on them: {_cell(float(np.median(ahead)) if ahead else None, 'g')} steps."]
+        lines += ["", f"{n100} of {len(late)} held-out divergences are ≥ 100 steps in; the combined warning "
+                      f"fired before {len(ahead)} of them, median lead "
+                      f"{_cell(float(np.median(ahead)) if ahead else None, 'g')} steps, 10th percentile "
+                      f"{_cell(float(np.percentile(ahead, 10)) if ahead else None, '.3g')}."]
     return "\n".join(lines)
 
 
