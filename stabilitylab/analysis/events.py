@@ -283,10 +283,11 @@ class WarningRules:
     forecast_horizon: float = number(50.0, "[0, inf]")
     forecast_patience: int = number(3, "[1, inf)")
     forecast_start: int = number(50, "[0, inf)")  # no trend fires before this step: the init's transient is no forecast
-    # the combined warning (`forecast`): the loop's radius, median of loop_window measurements,
-    # above loop_level on loop_patience in a row, or the state_trend nowcast on
-    # nowcast_patience in a row. loop_level 1 is the boundary itself; the windows and
-    # patiences are chosen by experiments/score_warnings.py on c2_late_divergence seeds 0, 1
+    # the combined warning (`forecast`): the loop's radius, its median over loop_window steps
+    # above loop_level on loop_patience steps in a row, or the state_trend nowcast on
+    # nowcast_patience steps in a row. loop_level 1 is the boundary itself, fixed; window and
+    # patiences chosen by experiments/score_warnings.py on c2_late_divergence seeds 0, 1
+    # (docs/analysis.md, "The combined warning")
     loop_level: float = number(1.0, "(0, inf)")
     loop_window: int = number(20, "[1, inf)")
     loop_patience: int = number(1, "[1, inf)")
