@@ -6,8 +6,10 @@ The loop is the trainer's step (train/trainer.py: the same batches, depths, h_0,
 Muon groups, schedule and clipping, single process, no grad accumulation), written out
 as a user would write it, with the radius estimate every step (as the warning benchmark
 was recorded). The trainer with probes.radius_every = 1 and probes.rate_every = 1
-records the same numbers bit for bit (tests/test_monitor.py). Each cell is the run lab/<experiment>/<cell id>; a cell already in the lab is
-skipped. Divergence is recorded (the run goes on to its last step, as action "record").
+records the same numbers bit for bit (tests/test_monitor.py). Each cell is the run
+lab/<experiment>/<cell id>; a cell already in the lab is skipped. The experiment's
+[divergence] action decides what a divergence does: "record" trains on to the last step,
+"stop" ends the run there, as diverged (a user's loop breaking on `.stop`).
 """
 
 from __future__ import annotations
@@ -61,11 +63,14 @@ def train_monitored(exp, lab: str | Path, run_id: str, monitor_config: MonitorCo
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, total)
             for opt in optimizers:
                 opt.step()
-            if watch:
-                watch.step(step, loss=out.loss, model=model, tokens=x, state=out.state, trace=out.trace,
-                           **{records.GRAD_NORM: float(total), records.LR: tc.lr * factor, records.TOKENS_PER_S: B * seq_len / (time.perf_counter() - t0)})
+            verdict = watch and watch.step(
+                step, loss=out.loss, model=model, tokens=x, state=out.state, trace=out.trace,
+                **{records.GRAD_NORM: float(total), records.LR: tc.lr * factor,
+                   records.TOKENS_PER_S: B * seq_len / (time.perf_counter() - t0)})
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            if verdict and verdict.stop:
+                break
     except BaseException as err:
         if watch:
             watch.close(err)

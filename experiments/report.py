@@ -8,8 +8,10 @@ stabilitylab.analysis.events, and writes
 
     OUT/results/<claim>.json     the numbers REPORT.md cites, one file per claim
     OUT/figures/<claim>.png      one figure per claim (plotly + kaleido, Debian's chromium)
+    OUT/REPORT.md                its generated blocks only (between <!-- NAME:begin --> and
+                                 <!-- NAME:end -->): §C2's warning tables, from the numbers above
 
-and prints a summary. An experiment missing from the lab is reported as missing; a fit
+and prints a summary. `--only c2` redoes §C2 alone (c2.json, c2_forecast.json, its block). An experiment missing from the lab is reported as missing; a fit
 that cannot be made (too few points) records its reason instead of numbers.
 """
 
@@ -32,7 +34,10 @@ from stabilitylab.experiment import build_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
 import figures  # noqa: E402  (experiments/figures.py, beside this file)
+import score_warnings  # noqa: E402  (the warning benchmark's tuning and scores, beside this file)
 
+WARNING_BENCHMARK = "c2_late_divergence"  # experiments/warnings/, trained by experiments/monitored.py
+WARNING_TUNE_SEEDS = [0, 1]  # its runs the combined warning is tuned on; the other seeds and C1 are held out
 EXPERIMENTS = {"c1": "c1_stability_grid", "c3": "c3_depth_sampling", "c4": "c4_prelude_norm",
                "c5": "c5_test_time_depth", "c6": "c6_isoflop", "c7": "c7_zoh"}
 
@@ -152,6 +157,97 @@ def c1_c2(table: pd.DataFrame, lab: Path) -> tuple[dict, dict, dict]:
           "signals": signal_table, "runs": diverged.to_dict("records") if len(diverged) else []}
     figs = {"c1_grid": figures.outcome_grid(cells), "c2_trajectories": figures.stability_trajectories(trajectories)}
     return {"cells": cells, "edges": edges, "runs": runs}, c2, figs
+
+
+def c2_forecast(lab: Path) -> dict | None:
+    """The combined early warning tuned on the warning benchmark's seeds WARNING_TUNE_SEEDS and
+    scored on its other seeds and on the C1 grid (experiments/score_warnings.py), strict and
+    censoring-aware; None when the lab has no benchmark."""
+    if not (lab / WARNING_BENCHMARK).is_dir():
+        print(f"C2 warning benchmark: {lab / WARNING_BENCHMARK} missing", file=sys.stderr)
+        return None
+    return score_warnings.evaluate([str(lab / WARNING_BENCHMARK), str(lab / EXPERIMENTS["c1"])],
+                                   [WARNING_BENCHMARK], WARNING_TUNE_SEEDS)
+
+
+SIGNAL_NAMES = {"rho": "ρ(Ā) ≥ 1", "jacobian": "Jacobian radius ≥ 1 (probe)", "lyapunov": "λ₁ > 0 (probe)",
+                "loop_rate": "loop contraction rate q ≥ 1 (probe)", "state_trend": "‖h_T‖ nowcast (τ ≤ 5)",
+                "radius_trend": "ρ̂ trend reaches 1 within 50", "rate_trend": "q trend reaches 1 within 50",
+                "rho_trend": "ρ(Ā) trend reaches 1 within 50", "loop_level": "loop rule alone",
+                "forecast": "**combined warning**", "any": "any (earliest of all)"}
+
+
+def _cell(value, digits: str = ".2f") -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, digits)
+
+
+def score_rows(rows: list[dict], signals=None) -> list[str]:
+    """Markdown rows of a warning_scores table (signals: which, in that order; None: all)."""
+    by = {r["signal"]: r for r in rows}
+    out = []
+    for name in signals or by:
+        if name not in by:
+            continue
+        r = by[name]
+        out.append(f"| {SIGNAL_NAMES.get(name, name)} | {r['early']} | {r['late']} | {r['missed']} | "
+                   f"{r['false_alarm']} | {r['censored']} | {_cell(r['recall'])} | {_cell(r['precision'])} | "
+                   f"{_cell(r['median_lead_steps'], 'g')} | {_cell(r['p10_lead_steps'], '.3g')} | "
+                   f"{_cell(r['median_lead_tokens'], ',.0f')} | {_cell(r['false_alarms_per_1000_healthy_steps'])} |")
+    return out
+
+
+SCORE_HEADER = ["| signal | early | late | missed | false alarms | censored | recall | precision | median lead "
+                "(steps) | 10th pct lead | median lead (tokens) | false alarms / 1000 healthy steps |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def c2_markdown(c2: dict) -> str:
+    """§C2's generated block: the warning benchmark's held-out scores and C1's, strict and
+    censoring-aware, and the per-run warnings of the benchmark's held-out late divergences."""
+    f = c2.get("forecast")
+    if not f:
+        return "_The warning benchmark is not in this lab: `experiments/monitored.py` trains it._"
+    s = f["settings"]
+    lines = [f"Combined warning (`forecast`), settings tuned on {WARNING_BENCHMARK} seeds "
+             f"{', '.join(map(str, f['tuned_on']['seeds']))} ({f['tuned_on']['runs']} runs): loop radius median over "
+             f"{s['loop_window']} steps > {s['loop_level']:g} on {s['loop_patience']} step(s) in a row, or the ‖h_T‖ "
+             f"nowcast on {s['nowcast_patience']} steps in a row. Held out: the benchmark's other seeds and the C1 "
+             f"grid. Strict: every warning in a run that did not diverge is a false alarm; censoring-aware: one "
+             f"within {f['censor_steps']:g} steps of the run's end is counted as censored instead.", ""]
+    for lab, title in ((WARNING_BENCHMARK, "late-divergence benchmark, held-out seeds"),
+                       (EXPERIMENTS["c1"], "C1 grid (never tuned on)")):
+        for kind in ("strict", "censored"):
+            rows = f[kind].get(lab)
+            if rows:
+                lines += [f"**{title}, {kind}** ({rows[0]['runs']} runs)", "", *SCORE_HEADER, *score_rows(rows), ""]
+    late = [r for r in f["runs"]["held_out"] if r["lab"] == WARNING_BENCHMARK and r["diverged_at"] is not None]
+    if late:
+        lines += ["Held-out divergences of the benchmark: divergence step → lead of the combined warning "
+                  "(— : none before it)", "", "| run | diverged at | warned at | lead |", "|---|---|---|---|"]
+        for r in sorted(late, key=lambda r: r["run"]):
+            lines.append(f"| {r['run']} | {r['diverged_at']} | {_cell(r['forecast_step'], 'd')} | "
+                         f"{_cell(r['lead_steps'], 'd')} |")
+        ahead = [r["lead_steps"] for r in late if r["diverged_at"] >= 100 and r["outcome"] == "early"]
+        n100 = sum(r["diverged_at"] >= 100 for r in late)
+        lines += ["", f"{n100} of {len(late)} held-out divergences are ≥ 100 steps in; the combined warning "
+                      f"fired before {len(ahead)} of them, median lead "
+                      f"{_cell(float(np.median(ahead)) if ahead else None, 'g')} steps, 10th percentile "
+                      f"{_cell(float(np.percentile(ahead, 10)) if ahead else None, '.3g')}."]
+    return "\n".join(lines)
+
+
+def write_block(path: Path, name: str, text: str) -> bool:
+    """Replace what lies between <!-- name:begin --> and <!-- name:end --> in `path`; False if
+    the file or the markers are missing (nothing written)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if not path.is_file():
+        return False
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        return False
+    head, rest = doc.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    return True
 
 
 def c3(table: pd.DataFrame, lab: Path) -> tuple[dict, dict]:
@@ -409,6 +505,12 @@ def summary(results: dict) -> str:
         lines.append(f"C2  signal {row['signal']:<11} runs {row['runs']}: early {row['early']}, late {row['late']}, "
                      f"missed {row['missed']}, false alarms {row['false_alarm']}, recall {row['recall']:.2f}, "
                      f"precision {row['precision']:.2f}, median lead {row['median_lead_steps']} steps")
+    for lab, rows in ((r.get("c2_forecast") or {}).get("strict") or {}).items():
+        f = next((row for row in rows if row["signal"] == "forecast"), None)
+        if f and lab != "pooled":
+            lines.append(f"C2  combined warning, held out on {lab}: recall {f['recall']:.2f}, precision "
+                         f"{f['precision']:.2f}, median lead {f['median_lead_steps']} steps, false alarms / 1000 "
+                         f"healthy steps {f['false_alarms_per_1000_healthy_steps']:.2f}")
     for name, g in r["c3"]["groups"].items():
         val = ", ".join(f"T={d}: {v:.3f} (ppl {math.exp(v):.2f})" for d, v in g["val_loss_mean"].items())
         lines.append(f"C3  per {name}: spikes {g['spikes_per_run']}; val loss {val}")
@@ -472,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lab", help="the lab holding the experiments' runs")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="writes OUT/results and OUT/figures")
     parser.add_argument("--no-figures", action="store_true", help="numbers only")
+    parser.add_argument("--only", choices=["c2"], help="redo one claim: its results, figure and REPORT.md block")
     args = parser.parse_args(argv)
     lab, out = Path(args.lab), Path(args.out)
     table = store.list_runs(lab, check=True)  # a damaged run is reported here and left out of every claim
@@ -481,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in table[~table.readable.astype(bool)].itertuples():
         print(f"skipped {row.run_id}: {row.error}", file=sys.stderr)
     c1, c2, figs = c1_c2(table, lab)
+    c2["forecast"] = c2_forecast(lab)
+    if args.only == "c2":
+        return write_c2(out, c2, None if args.no_figures else {"c2_trajectories": figs["c2_trajectories"]})
     results = {"c1": c1, "c2": c2}
     for claim, compute in (("c3", c3), ("c4", c4), ("c5", c5), ("c6", c6), ("dynamics", dynamics)):
         results[claim], more = compute(table, lab)
@@ -489,11 +595,31 @@ def main(argv: list[str] | None = None) -> int:
     figs |= more
     results["runtimes"] = runtimes(table, lab)
     (out / "results").mkdir(parents=True, exist_ok=True)
+    results["c2_forecast"] = results["c2"].pop("forecast")
     for claim, value in results.items():
+        if value is None:
+            continue
         path = out / "results" / f"{claim}.json"
         path.write_text(json.dumps(_plain(value), indent=1, allow_nan=False) + "\n")
     print(summary(results))
+    c2["forecast"] = results["c2_forecast"]
+    print(f"REPORT.md §C2 block {'written' if write_block(out / 'REPORT.md', 'c2', c2_markdown(c2)) else 'not found'}")
     if not args.no_figures:
+        print(figures.write(figs, out / "figures"))
+    return 0
+
+
+def write_c2(out: Path, c2: dict, figs: dict | None) -> int:
+    """--only c2: results/c2.json (without the benchmark), results/c2_forecast.json, the figure
+    unless None, and REPORT.md's c2 block."""
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    forecast = c2.pop("forecast")
+    (out / "results" / "c2.json").write_text(json.dumps(_plain(c2), indent=1, allow_nan=False) + "\n")
+    if forecast is not None:
+        (out / "results" / "c2_forecast.json").write_text(json.dumps(_plain(forecast), indent=1, allow_nan=False) + "\n")
+    c2["forecast"] = forecast
+    print(f"REPORT.md §C2 block {'written' if write_block(out / 'REPORT.md', 'c2', c2_markdown(c2)) else 'not found'}")
+    if figs:
         print(figures.write(figs, out / "figures"))
     return 0
 

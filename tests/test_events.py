@@ -125,7 +125,8 @@ def test_a_stable_run_has_no_divergence_and_no_warning():
     rho = series(0.45 + 0.1 * np.linspace(0, 1, n // 5), start=5, every=5)
     report = analyse(history(3.0 - np.linspace(0, 1, n), 20.0 + np.linspace(0, 30, n), rho=rho), LIMITS)
     assert report.divergence is None and report.warnings == [] and report.spikes == []
-    assert set(report.outcomes().values()) == {"quiet"} and set(report.signals) == {"rho", "state_trend", "rho_trend", "forecast"}
+    assert set(report.outcomes().values()) == {"quiet"} and set(report.signals) == {"rho", "state_trend", "rho_trend", "loop_level",
+                                                                                        "forecast"}
 
 
 def test_a_warning_without_divergence_is_a_false_alarm_once_the_run_ends_and_lowers_precision():
@@ -290,9 +291,10 @@ def test_a_store_run_reads_into_the_history_the_analysis_expects(tmp_path):
     report = analyse_run(synthetic_run(tmp_path))
     assert report.divergence.step == 33  # 10·1.5^18 > 1e4
     assert [s.step for s in report.spikes] == [15]
-    # τ = (log 1e4 − log h_s) / log 1.5 = 17.04 − (s − 15) ≤ 5 from s = 28
+    # τ = (log 1e4 − log h_s) / log 1.5 = 17.04 − (s − 15) ≤ 5 from s = 28; the combined warning
+    # holds it a second step (29); ρ(Ā) = 1.2 from step 20 fills 11 of the 20 steps 11..30 at 30
     assert {w.signal: w.step for w in report.warnings} == {"rho": 20, "loop_rate": 20, "state_trend": 28,
-                                                           "forecast": 28}  # forecast: here by its nowcast
+                                                           "forecast": 29, "loop_level": 30}
     assert report.to_dict()["first_signals"] == ["rho", "loop_rate"]
     assert report.warnings[0].lead_tokens == 1300 and report.warnings[0].lead_flops == 13e6
 
@@ -308,7 +310,8 @@ def test_events_write_adds_warnings_and_the_missing_divergence_and_never_repeats
     assert kept[["step", "kind", "time"]].reset_index(drop=True).equals(before[["step", "kind", "time"]])
     added = after[after["detail"] != "recorded by the trainer"]
     assert sorted(zip(added["step"], added["kind"])) == [(20, EARLY_WARNING), (20, EARLY_WARNING),
-                                                          (28, EARLY_WARNING), (28, EARLY_WARNING), (33, DIVERGENCE)]
+                                                          (28, EARLY_WARNING), (29, EARLY_WARNING),
+                                                          (30, EARLY_WARNING), (33, DIVERGENCE)]
     assert run.results()["events"]["divergence"]["step"] == 33
     assert main(["events", str(run.path), "--write"]) == 0  # a second time adds nothing
     assert len(run.events()) == len(after)

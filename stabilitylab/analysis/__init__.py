@@ -15,6 +15,7 @@ _MODULES = {
     "events": ("EarlyWarning", "History", "RunEvents", "WarningRules", "analyse", "analyse_run",
                "find_divergence", "find_spikes", "warning_table", "level_forecast", "forecast_signals",
                "warning_scores"),
+    "forecast": ("held", "sustained", "state_forecast"),
     "lyapunov": ("FiniteTimeLyapunov", "LyapunovSpectrum", "finite_time_lyapunov", "loop_lyapunov",
                  "lyapunov_spectrum"),
     "scaling": ("CHINCHILLA", "TEST_TIME_FORMS", "TRAINING", "UNIFIED", "Allocation", "Fit", "Law",

@@ -15,7 +15,7 @@ Divergence (the trainer's rules, `step_verdict`; `find_divergence` = first step 
     max per-token ‖h_T‖ > max_state_norm     a bound (a NaN norm counts as crossing it)
     loss > max_loss                          a bound
 
-Early warning: five signals, each a series over the steps where it was measured, and a
+Early warning: signals, each a series over the steps where it was measured, and a
 threshold. A signal fires at the first step where its condition has held on `patience`
 consecutive measurements (the step of the last one: when it could have been known). A
 non-finite value (an overflowed state or spectrum) always satisfies the condition.
@@ -35,8 +35,13 @@ non-finite value (an overflowed state or spectrum) always satisfies the conditio
                  slope b of log ‖h_T‖ over the last `trend_window` steps and the steps left to
                  the divergence bound, τ = (log max_state_norm − log ‖h_T‖_s) / b (∞ if b ≤ 0);
                  fires when τ ≤ horizon. A nowcast: its lead is at most about `horizon`.
+    radius_trend, rate_trend, rho_trend, loop_level and forecast: the every-step signals and
+                 the combined warning (`forecast_signals`, analysis/forecast.py):
 
-The run's warning is the earliest signal to fire. Against the divergence step d (if any):
+    forecast     median of the last 20 ρ̂(∂F/∂h) > 1   OR   state_trend on 2 steps in a row
+
+The run's warning ("any") is the earliest signal to fire; `forecast` is the one meant to be
+left switched on. Against the divergence step d (if any):
 
     lead = d − warning step  (also in tokens and FLOPs: the cumulative scalars at d minus at w)
     outcome  early  fired at or before d (lead ≥ 0)      late   fired after d
@@ -45,7 +50,8 @@ The run's warning is the earliest signal to fire. Against the divergence step d 
                                                         run is not complete (still running, failed)
 
 `warning_table` counts outcomes over runs: recall = early / diverged, precision =
-early / fired (pending runs left out) — how far the warning can be trusted (docs/parcae.md, claim C2).
+early / fired (pending runs left out) — how far the warning can be trusted (docs/parcae.md, claim C2);
+with `censor`, a false alarm near a run's end is counted apart (the run ended too soon to tell).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from stabilitylab.analysis.forecast import held, level_forecast, state_forecast, sustained
 from stabilitylab.config import DivergenceConfig, check_numbers, from_dict, number
 from stabilitylab.records import (CONTRACTION_RATE, DIVERGENCE, EARLY_WARNING, FLOPS, GRAD_NORM, JACOBIAN_RADIUS, LOSS,
                                   LYAPUNOV, RADIUS_ESTIMATE, RHO, SPIKE, STATE_NORM, TOKENS, TRACE_DELTA_NORM_MEAN,
@@ -67,7 +74,7 @@ from stabilitylab.records import (CONTRACTION_RATE, DIVERGENCE, EARLY_WARNING, F
 from stabilitylab.store import RunWriter, StoreError
 
 SIGNALS = ("rho", "jacobian", "lyapunov", "loop_rate", "state_trend", "radius_trend", "rate_trend", "rho_trend",
-           "forecast")
+           "loop_level", "forecast")
 OUTCOMES = ("early", "late", "missed", "false_alarm", "quiet", "pending")
 EVENTS_RESULT = "events"  # the run's result where `write_events` keeps the report
 HISTORY_SCALARS = (LOSS, GRAD_NORM, STATE_NORM, TOKENS, FLOPS, RADIUS_ESTIMATE, CONTRACTION_RATE)
@@ -268,16 +275,23 @@ class WarningRules:
     horizon: float = number(5.0, "[0, inf]")
     trend_window: int = number(5, "[2, inf)")
     patience: int = number(1, "[1, inf)")
-    # the forecasting signals (`forecast_signals`): level 1 is the stability boundary; start 50 is
-    # fixed beforehand (past the init's transient: tuned, 0 wins by firing at step 12 from it);
-    # window, horizons and patience chosen by experiments/score_warnings.py on c2_late_divergence
-    # seed 0 (docs/analysis.md, "Forecasting")
+    # the trend signals (`forecast_signals`): level 1 is the stability boundary; start 50 is fixed
+    # beforehand (past the init's transient: tuned, 0 wins by firing at step 12 from it); window,
+    # horizon and patience chosen on the first, 250-step c2_late_divergence (docs/analysis.md)
     forecast_level: float = number(1.0, "(0, inf)")
     forecast_window: int = number(10, "[2, inf)")
     forecast_horizon: float = number(50.0, "[0, inf]")
-    forecast_state_horizon: float = number(100.0, "[0, inf]")
     forecast_patience: int = number(3, "[1, inf)")
     forecast_start: int = number(50, "[0, inf)")  # no trend fires before this step: the init's transient is no forecast
+    # the combined warning (`forecast`): the loop's radius, its median over loop_window steps
+    # above loop_level on loop_patience steps in a row, or the state_trend nowcast on
+    # nowcast_patience steps in a row. loop_level 1 is the boundary itself, fixed; window and
+    # patiences chosen by experiments/score_warnings.py on c2_late_divergence seeds 0, 1
+    # (docs/analysis.md, "The combined warning")
+    loop_level: float = number(1.0, "(0, inf)")
+    loop_window: int = number(20, "[1, inf)")
+    loop_patience: int = number(1, "[1, inf)")
+    nowcast_patience: int = number(2, "[1, inf)")
 
     def __post_init__(self) -> None:
         check_numbers(self)  # config/base.py: finite unless a bound says inf, inside the interval
@@ -297,99 +311,62 @@ class EarlyWarning:
     outcome: str  # early, late, false_alarm or pending
 
 
-def state_forecast(h_norm: pd.Series, bound: float, window: int) -> pd.Series:
-    """τ_s: steps until log ‖h_T‖ reaches log `bound` along the least-squares line through
-    its last `window` values, b = Σ(x − x̄)(y − ȳ) / Σ(x − x̄)², τ = (log bound − y_s) / b;
-    ∞ when b ≤ 0 or fewer than `window` finite values; 0 at or past the bound, or non-finite."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x, h = h_norm.index.to_numpy(dtype=float), h_norm.to_numpy(dtype=float)
-        y = np.log(h)
-        tau = np.full(len(y), np.inf)
-        if len(y) >= window:
-            X = np.lib.stride_tricks.sliding_window_view(x, window)
-            Y = np.lib.stride_tricks.sliding_window_view(y, window)
-            dx = X - X.mean(axis=1, keepdims=True)
-            slope = (dx * (Y - Y.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
-            rising = np.isfinite(slope) & (slope > 0)
-            tau[window - 1:] = np.where(rising, (math.log(bound) - y[window - 1:]) / np.where(rising, slope, 1), np.inf)
-        tau[~(h < bound)] = 0.0  # at or past the bound, or NaN
-    return pd.Series(tau, index=h_norm.index)
-
-
-def level_forecast(series: pd.Series, level: float, window: int) -> pd.Series:
-    """τ_s: steps until `series` reaches `level` along the least-squares line through its last
-    `window` measurements (x = the step, so a sparse series forecasts in steps too),
-
-        b = Σ(x − x̄)(y − ȳ) / Σ(x − x̄)²,   τ = (level − ŷ_s) / b,   ŷ_s = the line at s
-
-    ∞ while b ≤ 0 or fewer than `window` measurements; 0 at or past the level, or non-finite.
-    The line's value ŷ_s, not the last measurement, so one noisy estimate neither fires nor
-    resets the forecast on its own (the per-step radius estimate varies with the batch)."""
-    x, y = series.index.to_numpy(dtype=float), series.to_numpy(dtype=float)
-    tau = np.full(len(y), np.inf)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if len(y) >= window:
-            X = np.lib.stride_tricks.sliding_window_view(x, window)
-            Y = np.lib.stride_tricks.sliding_window_view(y, window)
-            dx = X - X.mean(axis=1, keepdims=True)
-            slope = (dx * (Y - Y.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
-            fitted = Y.mean(axis=1) + slope * dx[:, -1]
-            rising = np.isfinite(slope) & (slope > 0)
-            ahead = np.where(rising, (level - fitted) / np.where(rising, slope, 1), np.inf)
-            tau[window - 1:] = np.where(np.isfinite(fitted) & (fitted >= level), 0.0, np.maximum(ahead, 0.0))
-        tau[~np.isfinite(y)] = 0.0
-    return pd.Series(tau, index=series.index)
-
-
 def forecast_signals(history: History, rules: WarningRules, bound: float
                      ) -> dict[str, tuple[pd.Series, np.ndarray, str]]:
-    """The forecasting signals (docs/analysis.md, "Forecasting"), each (τ in steps, fires, text):
+    """The forecasting signals (docs/analysis.md, "The combined warning"), each (values, fires, text):
 
-    radius_trend  τ of the every-step Jacobian radius estimate (scalar jacobian_radius_est)
-                  reaching `forecast_level` (1: the loop stops contracting) ≤ forecast_horizon
+    radius_trend  τ of the every-step Jacobian radius estimate ρ̂ (scalar jacobian_radius_est)
+                  reaching `forecast_level` ≤ forecast_horizon, for forecast_patience steps
     rate_trend    the same for the every-step contraction rate of the training forward's trace
     rho_trend     the same for ρ(Ā) (spectra; sparse steps are fine)
-    forecast      the combined warning: [the radius trend (or ρ(Ā)'s where no radius estimate
-                  was recorded) within forecast_horizon AND log ‖h_T‖'s trend reaching the
-                  divergence bound within forecast_state_horizon, both over forecast_window
-                  steps, held for forecast_patience steps in a row] — a loop forecast to stop
-                  contracting whose state also grows towards the bound — OR the state_trend
-                  nowcast (so it never misses a fast divergence that today's warning sees).
-    The single trend signals hold for forecast_patience steps in a row too. No trend fires
-    before step forecast_start: the first steps' rise from the init is a transient that a
-    straight line extrapolates into a false forecast."""
+    loop_level    the loop expands and stays so: m = the median of the radius (ρ̂; ρ(Ā) where
+                  no estimate was recorded, held between its measurements) over the last
+                  loop_window steps > loop_level, on loop_patience steps in a row
+    forecast      the combined warning: loop_level OR the state_trend nowcast held on
+                  nowcast_patience steps in a row.
+
+    Why this combination (measured on c2_late_divergence, docs/analysis.md): a loop that has
+    stopped contracting breaks tens of steps later (concat: 16–46 steps after m passes 1),
+    while a healthy loop's ρ̂ wanders up to ~1 and back (free-diagonal); the median keeps one
+    noisy estimate from firing, and "> 1", not "≥ 1", leaves out a loop that is exactly
+    marginal (add's Ā = I: ‖h_T‖ grows linearly, not exponentially). A run can also break
+    with its loop contracting (the weights around the loop blow up at a high learning rate:
+    stable-dense at 0.48, ρ̂ ≈ 0.1); only ‖h_T‖ shows that, a few steps ahead: the nowcast,
+    asked to hold for nowcast_patience steps so that one jump of ‖h_T‖ in a healthy run does
+    not fire (a state already at the bound, τ = 0, fires at once: that is the divergence).
+    The trend signals do not enter: a straight line through ρ̂ fires on the healthy runs whose
+    ρ̂ climbs and levels off below 1. No trend fires before forecast_start: the first steps'
+    rise from the init is a transient that a line extrapolates into a false forecast."""
     out: dict[str, tuple[pd.Series, np.ndarray, str]] = {}
     level, window, horizon = rules.forecast_level, rules.forecast_window, rules.forecast_horizon
     named = {"radius_trend": (history.scalars.get(RADIUS_ESTIMATE), "ρ̂(∂F/∂h)"),
              "rate_trend": (history.scalars.get(CONTRACTION_RATE), "q"), "rho_trend": (history.rho, "ρ(Ā)")}
-    taus = {}
     for name, (series, label) in named.items():
         if series is None or not len(series):
             continue
-        taus[name] = tau = level_forecast(series.sort_index(), level, window)
+        tau = level_forecast(series.sort_index(), level, window)
         started = tau.index.to_numpy() >= rules.forecast_start
-        out[name] = (tau, _held((tau.to_numpy() <= horizon) & started, rules.forecast_patience),
+        out[name] = (tau, held((tau.to_numpy() <= horizon) & started, rules.forecast_patience),
                      f"{label} trend reaches {level:g} in {{:.3g}} steps (≤ {horizon:g})")
-    lead = taus.get("radius_trend", taus.get("rho_trend"))
+    radius, label = history.scalars.get(RADIUS_ESTIMATE), "ρ̂(∂F/∂h)"
+    if radius is None or not len(radius):
+        radius, label = history.rho, "ρ(Ā)"
+    if not len(radius):
+        return out
+    median, expands = sustained(radius.sort_index(), rules.loop_level, rules.loop_window, rules.loop_patience)
+    out["loop_level"] = (median, expands, f"median {label} over {rules.loop_window} steps = {{:.4g}} > "
+                                          f"{rules.loop_level:g}" + (f" on {rules.loop_patience} in a row"
+                                                                     if rules.loop_patience > 1 else ""))
     h_norm = history.scalars.get(STATE_NORM)
-    if lead is not None and h_norm is not None and len(h_norm) and math.isfinite(bound):
-        state_tau = state_forecast(h_norm, bound, window)
-        lead = lead.reindex(state_tau.index, method="ffill").fillna(np.inf)  # ρ(Ā) is sparse: hold its last τ
-        both = ((lead.to_numpy() <= horizon) & (state_tau.to_numpy() <= rules.forecast_state_horizon)
-                & (state_tau.index.to_numpy() >= rules.forecast_start))
-        nowcast = state_forecast(h_norm, bound, rules.trend_window).to_numpy() <= rules.horizon
-        out["forecast"] = (lead, _held(both, rules.forecast_patience) | nowcast,
-                           f"loop forecast to reach {level:g} in {{:.3g}} steps and ‖h_T‖ the bound within "
-                           f"{rules.forecast_state_horizon:g} (or ‖h_T‖ within {rules.horizon:g})")
-    return out
-
-
-def _held(fires: np.ndarray, patience: int) -> np.ndarray:
-    """True where `fires` has held on the last `patience` entries."""
-    run, out = 0, np.zeros(len(fires), dtype=bool)
-    for i, ok in enumerate(fires):
-        run = run + 1 if ok else 0
-        out[i] = run >= patience
+    if h_norm is not None and len(h_norm) and math.isfinite(bound):
+        nowcast = state_forecast(h_norm.sort_index(), bound, rules.trend_window)
+        steps = median.index.union(nowcast.index)
+        m = median.reindex(steps, method="ffill")  # ρ(Ā) is sparse: hold its last median
+        fires = (pd.Series(expands, index=median.index).reindex(steps, method="ffill").fillna(False).to_numpy(bool)
+                 | pd.Series(held(nowcast.to_numpy() <= rules.horizon, rules.nowcast_patience)
+                             | (nowcast.to_numpy() == 0), index=nowcast.index).reindex(steps).fillna(False).to_numpy(bool))
+        out["forecast"] = (m, fires, f"median {label} = {{:.4g}}: > {rules.loop_level:g}, or ‖h_T‖ reaches "
+                                     f"max_state_norm within {rules.horizon:g} steps on {rules.nowcast_patience} in a row")
     return out
 
 
@@ -441,6 +418,7 @@ class RunEvents:
     rules: WarningRules
     complete: bool  # the run ended (finished or diverged): silence is then quiet, not pending
     steps: int = 0  # training steps recorded (the loss series' length): the false-alarm rate's denominator
+    last_step: int | None = None  # the last step recorded: a false alarm this close to it may be censored
 
     @property
     def first(self) -> list[EarlyWarning]:
@@ -506,7 +484,8 @@ def analyse(history: History, limits: DivergenceConfig, rules: WarningRules = Wa
         loss = loss[loss.index < divergence.step]
     spikes = find_spikes(loss, limits.spike_window, limits.spike_k)
     warnings, signals = early_warnings(history, divergence, limits.max_state_norm, rules, complete)
-    return RunEvents(spikes, divergence, warnings, signals, rules, complete, len(history.scalars[LOSS]))
+    return RunEvents(spikes, divergence, warnings, signals, rules, complete, len(history.scalars[LOSS]),
+                     int(history.scalars[LOSS].index.max()))
 
 
 def analyse_run(run: Any, rules: WarningRules = WarningRules()) -> RunEvents:
@@ -559,20 +538,25 @@ def write_events(run: Any, report: RunEvents) -> dict[str, int]:
     return {k: sum(kind == k for _, kind, _ in new) for k in (EARLY_WARNING, SPIKE, DIVERGENCE)}
 
 
-def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
+def warning_table(reports: Iterable[RunEvents], censor: float | None = None) -> pd.DataFrame:
     """Per signal (and "any"): runs judged, each outcome's count, recall = early / diverged,
-    precision = early / fired, and the median lead in steps of the early warnings."""
+    precision = early / fired, and the median lead in steps of the early warnings.
+
+    `censor` (steps): a false alarm raised within `censor` steps of the run's last recorded
+    step is counted as "censored" instead, and left out of precision: the run ended before
+    the warning's own horizon did, so whether it would have diverged is not known. None: every
+    warning in a run that did not diverge is a false alarm (the strict count)."""
     reports = list(reports)
     rows = []
     for signal in (*SIGNALS, "any"):
         judged = [r for r in reports if signal == "any" or signal in r.signals]
         if not judged:
             continue
-        outcomes = [r.outcomes()[signal] for r in judged]
-        counts = {o: outcomes.count(o) for o in OUTCOMES}
+        firsts = [(r.first[:1] if signal == "any" else [w for w in r.warnings if w.signal == signal]) for r in judged]
+        outcomes = [_censored(r, w, r.outcomes()[signal], censor) for r, w in zip(judged, firsts)]
+        counts = {o: outcomes.count(o) for o in (*OUTCOMES, "censored")}
         diverged = counts["early"] + counts["late"] + counts["missed"]
         fired = counts["early"] + counts["late"] + counts["false_alarm"]
-        firsts = [(r.first[:1] if signal == "any" else [w for w in r.warnings if w.signal == signal]) for r in judged]
         leads = [w[0].lead_steps for w in firsts if w and w[0].outcome == "early"]
         rows.append({"signal": signal, "runs": len(judged), **counts,
                      "recall": counts["early"] / diverged if diverged else math.nan,
@@ -581,13 +565,20 @@ def warning_table(reports: Iterable[RunEvents]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def warning_scores(reports: Iterable[RunEvents]) -> pd.DataFrame:
+def _censored(report: RunEvents, first: list[EarlyWarning], outcome: str, censor: float | None) -> str:
+    """"censored" for a false alarm within `censor` steps of the run's end, else the outcome."""
+    if censor is None or outcome != "false_alarm" or report.last_step is None:
+        return outcome
+    return "censored" if first[0].step > report.last_step - censor else outcome
+
+
+def warning_scores(reports: Iterable[RunEvents], censor: float | None = None) -> pd.DataFrame:
     """`warning_table` plus what a user needs to leave a warning switched on: the 10th
     percentile of the lead in steps, the median lead in tokens, and false alarms per 1000
     steps of healthy training = false alarms / steps of the runs that did not diverge × 1000
-    (a run warns once, so at most one per run)."""
+    (a run warns once, so at most one per run). `censor` as in `warning_table`."""
     reports = [r for r in reports if r.complete]
-    table = warning_table(reports)
+    table = warning_table(reports, censor)
     healthy = sum(r.steps for r in reports if r.divergence is None)
     p10, tokens = [], []
     for signal in table["signal"]:
@@ -607,4 +598,5 @@ __all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "Spike
            "RULE_FIELDS", "run_divergence_config", "step_verdict",
            "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
            "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "analyse_runs", "EVENTS_RESULT",
-           "missing_events", "write_events", "warning_table", "level_forecast", "forecast_signals", "warning_scores"]
+           "missing_events", "write_events", "warning_table", "level_forecast", "forecast_signals", "warning_scores",
+           "held", "sustained"]

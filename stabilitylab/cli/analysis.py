@@ -328,9 +328,14 @@ def add_events(sub: argparse._SubParsersAction) -> None:
                    help="forecast: warn when a trend reaches 1 within this many steps (default %(default)g)")
     p.add_argument("--forecast-start", type=int, default=defaults.forecast_start,
                    help="forecast: no trend fires before this step (default %(default)d)")
+    p.add_argument("--loop-level", type=float, default=defaults.loop_level,
+                   help="combined warning: the loop's median radius must exceed this (default %(default)g)")
     p.add_argument("--score", action="store_true",
                    help="score each warning over the runs: recall, precision, median and 10th-percentile "
                         "lead in steps and tokens, false alarms per 1000 healthy steps")
+    p.add_argument("--censor", type=float, metavar="STEPS",
+                   help="with --score: a false alarm within STEPS of a run's end counts as censored, not "
+                        "as a false alarm (the run ended too soon to tell)")
     p.set_defaults(handler=events)
 
 
@@ -341,7 +346,12 @@ def events(args: argparse.Namespace) -> int:
     from stabilitylab.store import DB_NAME, StoreError, find_runs, open_run
 
     rules = WarningRules(rho=args.rho, rate=args.rate, horizon=args.horizon, patience=args.patience,
-                         forecast_horizon=args.forecast_horizon, forecast_start=args.forecast_start)
+                         forecast_horizon=args.forecast_horizon, forecast_start=args.forecast_start,
+                         loop_level=args.loop_level)
+    if args.censor is not None and not args.score:
+        raise UsageError("--censor", "counts censored false alarms in the score table", "Add --score")
+    if args.censor is not None and not args.censor >= 0:
+        raise UsageError("--censor", f"must be a number of steps ≥ 0, got {args.censor}", "Pass e.g. --censor 50")
     target = Path(args.target)
     lab_runs = not (target / DB_NAME).is_file() and target.is_dir() and find_runs(target)
     reports = []
@@ -364,7 +374,7 @@ def events(args: argparse.Namespace) -> int:
             print("  wrote " + ", ".join(f"{n} {kind}" for kind, n in added.items())
                   + " event(s) and the result 'events'")
     if len(reports) > 1 or args.score:
-        table = warning_scores(reports) if args.score else warning_table(reports)
+        table = warning_scores(reports, args.censor) if args.score else warning_table(reports)
         print("\nwarnings over these runs (recall = early / diverged, precision = early / fired):")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
