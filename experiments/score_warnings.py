@@ -30,6 +30,7 @@ import pandas as pd
 
 from stabilitylab.analysis.events import History, WarningRules, analyse, run_divergence_config, warning_scores
 from stabilitylab.store import find_runs
+from stabilitylab.records import RADIUS_ESTIMATE
 
 GRID = {"loop_window": [5, 10, 20, 40], "loop_patience": [1, 5, 10, 20],
         "nowcast_patience": [1, 2]}  # ≤ 2: a patience p spends p − 1 of the nowcast's 5-step horizon
@@ -39,15 +40,21 @@ COLUMNS = ["signal", "runs", "early", "late", "missed", "false_alarm", "censored
            "median_lead_steps", "p10_lead_steps", "median_lead_tokens", "false_alarms_per_1000_healthy_steps"]
 
 
-def load(labs: list[str]) -> list[tuple[str, int, History, object, str]]:
-    """(lab, seed, history, divergence limits, run id) of every finished or diverged run."""
+def load(labs: list[str], radius_every: int = 1) -> list[tuple[str, int, History, object, str]]:
+    """(lab, seed, history, divergence limits, run id) of every finished or diverged run.
+    radius_every k > 1 keeps the radius estimate of every k-th step only: the warning as
+    a monitor recording ρ̂ every k steps (LoopMonitor's default, RADIUS_EVERY) would see it."""
     out = []
     for lab in labs:
         for run in find_runs(lab):
             if run.status()["status"] not in ("finished", "diverged"):
                 continue
-            out.append((Path(lab).name, run.meta().get("seed"), History.from_run(run),
-                        run_divergence_config(run.config()), run.id))
+            history = History.from_run(run)
+            radius = history.scalars.get(RADIUS_ESTIMATE)
+            if radius_every > 1 and radius is not None:
+                history = replace(history, scalars={**history.scalars,
+                                                    RADIUS_ESTIMATE: radius[radius.index % radius_every == 0]})
+            out.append((Path(lab).name, run.meta().get("seed"), history, run_divergence_config(run.config()), run.id))
     return out
 
 
@@ -91,10 +98,11 @@ def run_table(runs, rules: WarningRules) -> list[dict]:
     return out
 
 
-def evaluate(labs: list[str], tune_labs: list[str] | None, tune_seeds: list[int], censor: float = CENSOR) -> dict:
+def evaluate(labs: list[str], tune_labs: list[str] | None, tune_seeds: list[int], censor: float = CENSOR,
+             radius_every: int = 1) -> dict:
     """Tune on the tuning runs, score on the held-out ones: settings, tuning-run row, and
     {"strict" | "censored": {lab | "pooled": table rows}} on the held-out runs."""
-    runs = load(labs)
+    runs = load(labs, radius_every)
     tune, held = split(runs, tune_labs, tune_seeds)
     rules, row = choose(tune)
     report = {"settings": {k: getattr(rules, k) for k in ("loop_level", *GRID)}, "censor_steps": censor,
@@ -115,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-lab", action="append", help="a lab (its directory name) to tune on; default: all")
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--censor", type=float, default=CENSOR, help="steps before a run's end (default %(default)g)")
+    p.add_argument("--radius-every", type=int, default=1,
+                   help="score with the radius estimate of every k-th step only (default %(default)s: as recorded)")
     p.add_argument("--json", help="also write the settings and tables here")
     args = p.parse_args(argv)
-    report = evaluate(args.labs, args.tune_lab, args.tune_seeds, args.censor)
+    if args.radius_every < 1:
+        p.error(f"--radius-every must be ≥ 1, got {args.radius_every}")
+    report = evaluate(args.labs, args.tune_lab, args.tune_seeds, args.censor, args.radius_every)
     row = report["tuning_row"]
     print(f"tuned on {report['tuned_on']['runs']} runs ({', '.join(args.tune_lab or ['every lab'])}, seeds "
           f"{args.tune_seeds}): {report['settings']}")
