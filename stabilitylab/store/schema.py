@@ -201,11 +201,16 @@ def last_losses(con: sqlite3.Connection, v: str) -> tuple[float | None, float | 
 
 
 def read_summary(con: sqlite3.Connection) -> dict[str, Any]:
-    """The summary row of a v2 run (one row), else compute_summary (a v1 run)."""
+    """The summary row of a v2 run (one row), else compute_summary (a v1 run). The last
+    step is read from the scalars table either way, and the spectra's last step looked up:
+    two index lookups that also meet a damaged root page of either table, as the scans of
+    compute_summary did."""
     if con.execute("PRAGMA user_version").fetchone()[0] >= 2:
         row = con.execute(f"SELECT {', '.join(SUMMARY_FIELDS)} FROM summary").fetchone()
         if row is not None:
-            return dict(zip(SUMMARY_FIELDS, row))
+            con.execute("SELECT MAX(step) FROM spectra").fetchone()
+            last_step = con.execute("SELECT MAX(step) FROM scalars").fetchone()[0]
+            return {**dict(zip(SUMMARY_FIELDS, row)), "last_step": last_step}
     return compute_summary(con)
 
 
