@@ -67,6 +67,7 @@ def test_runs_page_lists_runs_status_and_the_unreadable_one(lab):
     table = at.dataframe[0].value.set_index("run")
     assert table.loc[CONCAT, "status"].startswith("diverged @ ") and "1e+12" in table.loc[CONCAT, "status"]
     assert table.loc[CONCAT, "max ρ(Ā)"] > 1 > table.loc[PARCAE, "max ρ(Ā)"]
+    assert np.isfinite(table.loc[CONCAT, "final loss"])  # its last loss was NaN: the last finite one shows
     assert table.loc["live/parcae-running", "status"] == "running (no writer)"
     assert "broken/garbage" not in table.index
     assert any("broken/garbage" in e.value and "not an SQLite database" in e.value for e in at.error)
@@ -330,6 +331,8 @@ def test_overview_tells_the_story_of_a_small_lab(lab):
     at = app(lab)
     pair = at.table[0].value
     assert list(pair.columns) == ["concat (left)", "parcae (right)"]
+    assert pair.loc["final loss", "concat (left)"].endswith("(last finite)")  # it ended on NaN: not "–"
+    assert float(pair.loc["final loss", "concat (left)"].split()[0]) > 0
     assert any("concat diverged @" in m.value for m in at.markdown)
     lines = {t["name"] for t in charts(at)[0]["data"]}
     assert lines == {"concat (left)", "parcae (right)"}
