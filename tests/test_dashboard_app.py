@@ -118,7 +118,7 @@ def test_compare_widgets_change_the_charts(lab):
     bands = [t for t in charts(at)[0]["data"] if t.get("fill") == "toself"]
     assert len(bands) == 2  # the concat and the parcae seed pairs, mean ± std
     faint = [t for t in charts(at)[0]["data"] if t.get("showlegend") is False and t["line"]["width"] == 1]
-    assert len(faint) == 2  # each group's member runs, faint, in one trace
+    assert len(faint) == 2  # the member runs of each colour (here: group) and column, faint, in one trace
     at.radio(key="compare_band").set_value("min–max").run()
     at.multiselect(key="compare_extra").set_value(["tokens_per_s"]).run()
     assert "tokens_per_s" in titles(at)
@@ -303,6 +303,8 @@ def test_the_cli_verb_serves_this_app_on_the_given_lab_and_port():
     assert command[1:5] == ["-m", "streamlit", "run", str(DASHBOARD)]
     assert command[command.index("--server.port") + 1] == "8600"
     assert command[command.index("--") + 1:] == ["--lab", "runs/x"]
+    assert command[command.index("--server.scriptHealthCheckEnabled") + 1] == "true"  # apps/warm.py runs the app once
+    assert (Path(command[4]).with_name("warm.py")).is_file()
     assert dashboard_command(None, 8501)[-1] == "--"  # no lab: the app opens the reference lab
 
 
