@@ -70,7 +70,7 @@ else:
             m[0].metric("ρ(Ā)", f"{row['rho']:.4f}", help=f"{side}: spectral radius, < 1 is stable")
             m[1].metric("‖Ā‖₂", f"{row['norm_a']:.4f}", help=f"{side}: the largest singular value of Ā")
             m[2].metric("|λ| ≥ 1", int((np.abs(e) >= 1).sum()), help=f"{side}: modes that do not decay")
-            m[3].metric("min decay", f"{r.min():.4f}" if len(r) else "–",
+            m[3].metric("min decay", f"{r.min():.3g}" if len(r) else "–",
                         help=f"{side}: the slowest decay rate, min −log|λ| per loop iteration (< 0: a mode grows)")
             points = pd.DataFrame({"step": at, "index": np.arange(len(e)), "real": e.real, "imag": e.imag,
                                    "abs": np.abs(e), "decay_rate": r})
