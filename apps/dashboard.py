@@ -30,7 +30,11 @@ def lab_argument() -> str:
 
 
 def watch(lab: str, token: str) -> None:
-    """Rerun the app when the lab has changed since this page was drawn (a run grew)."""
+    """Rerun the app when the lab has changed since this page was drawn (a run grew).
+    A fragment's rerun names the page the browser believes it is on; so the fragment is
+    made after st.navigation, whose message tells the browser the page (made before it, a
+    watch firing while the first run was still resolving /compare named no page, and its
+    st.rerun landed on the Overview)."""
     if labdata.lab_token(lab) != token:
         st.rerun()
 
@@ -58,8 +62,10 @@ with st.sidebar:
                    on_change=lambda: st.session_state.pop(widgets.PAIR, None))
     live = st.toggle("Live refresh", value=bool(runs["alive"].any()), key="live",
                      help=f"redraw when a run grows (checked every {REFRESH_SECONDS:g} s)")
-    if live:
-        st.fragment(watch, run_every=REFRESH_SECONDS)(lab, token)
 
-st.navigation([st.Page(path, title=title, icon=icon, default=i == 0)
-               for i, (path, title, icon) in enumerate(PAGES)]).run()
+page = st.navigation([st.Page(path, title=title, icon=icon, default=i == 0)
+                      for i, (path, title, icon) in enumerate(PAGES)])
+if live:  # after st.navigation: the browser knows the page before the watch's first rerun (see watch)
+    with st.sidebar:
+        st.fragment(watch, run_every=REFRESH_SECONDS)(lab, token)
+page.run()

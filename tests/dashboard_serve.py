@@ -18,10 +18,14 @@ from pathlib import Path
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-# every plotly chart on the page has been drawn (plotly sets _fullLayout when it has)
-CHARTS_DRAWN = ("[...document.querySelectorAll('.js-plotly-plot')].every(e => e._fullLayout)")
+# no element still waiting for its code (Streamlit draws a skeleton while plotly.js loads)
+NO_SKELETON = "!document.querySelector('[data-testid=\"stSkeleton\"]')"
+# every plotly chart on the page has been drawn (plotly sets _fullLayout when it has), none pending
+CHARTS_DRAWN = (f"[...document.querySelectorAll('.js-plotly-plot')].every(e => e._fullLayout) && {NO_SKELETON}")
+# a chart drawn; on a page without charts (Runs), its table, once nothing waits for plotly.js
+# (else Compare's config table at the bottom would count as its first chart)
 ANY_CHART = ("[...document.querySelectorAll('.js-plotly-plot')].some(e => e._fullLayout)"
-             " || !!document.querySelector('[data-testid=\"stDataFrame\"] canvas')")
+             f" || (!!document.querySelector('[data-testid=\"stDataFrame\"] canvas') && {NO_SKELETON})")
 SCRIPT_DONE = ("document.querySelector('[data-test-script-state]')?.getAttribute('data-test-script-state')"
                " === 'notRunning'")
 EXCEPTION = "!!document.querySelector('[data-testid=\"stException\"]')"

@@ -67,6 +67,7 @@ def test_runs_page_lists_runs_status_and_the_unreadable_one(lab):
     table = at.dataframe[0].value.set_index("run")
     assert table.loc[CONCAT, "status"].startswith("diverged @ ") and "1e+12" in table.loc[CONCAT, "status"]
     assert table.loc[CONCAT, "max ρ(Ā)"] > 1 > table.loc[PARCAE, "max ρ(Ā)"]
+    assert np.isfinite(table.loc[CONCAT, "final loss"])  # its last loss was NaN: the last finite one shows
     assert table.loc["live/parcae-running", "status"] == "running (no writer)"
     assert "broken/garbage" not in table.index
     assert any("broken/garbage" in e.value and "not an SQLite database" in e.value for e in at.error)
@@ -117,7 +118,7 @@ def test_compare_widgets_change_the_charts(lab):
     bands = [t for t in charts(at)[0]["data"] if t.get("fill") == "toself"]
     assert len(bands) == 2  # the concat and the parcae seed pairs, mean ± std
     faint = [t for t in charts(at)[0]["data"] if t.get("showlegend") is False and t["line"]["width"] == 1]
-    assert len(faint) == 2  # each group's member runs, faint, in one trace
+    assert len(faint) == 2  # the member runs of each colour (here: group) and column, faint, in one trace
     at.radio(key="compare_band").set_value("min–max").run()
     at.multiselect(key="compare_extra").set_value(["tokens_per_s"]).run()
     assert "tokens_per_s" in titles(at)
@@ -302,6 +303,8 @@ def test_the_cli_verb_serves_this_app_on_the_given_lab_and_port():
     assert command[1:5] == ["-m", "streamlit", "run", str(DASHBOARD)]
     assert command[command.index("--server.port") + 1] == "8600"
     assert command[command.index("--") + 1:] == ["--lab", "runs/x"]
+    assert command[command.index("--server.scriptHealthCheckEnabled") + 1] == "true"  # apps/warm.py runs the app once
+    assert (Path(command[4]).with_name("warm.py")).is_file()
     assert dashboard_command(None, 8501)[-1] == "--"  # no lab: the app opens the reference lab
 
 
@@ -330,6 +333,8 @@ def test_overview_tells_the_story_of_a_small_lab(lab):
     at = app(lab)
     pair = at.table[0].value
     assert list(pair.columns) == ["concat (left)", "parcae (right)"]
+    assert pair.loc["final loss", "concat (left)"].endswith("(last finite)")  # it ended on NaN: not "–"
+    assert float(pair.loc["final loss", "concat (left)"].split()[0]) > 0
     assert any("concat diverged @" in m.value for m in at.markdown)
     lines = {t["name"] for t in charts(at)[0]["data"]}
     assert lines == {"concat (left)", "parcae (right)"}

@@ -105,22 +105,26 @@ def test_select_a_run_and_compare_it_in_chromium(tmp_path):
 
 
 def test_a_run_being_written_grows_on_screen_without_a_reload(tmp_path):
+    """Opened by its URL, Compare stays Compare through the live reruns (they once landed on
+    the Overview: the watch fragment's first rerun left before the browser knew the page)."""
     stop, started = threading.Event(), threading.Event()
     thread = threading.Thread(target=writing, args=(tmp_path / "lab", "live", stop, started))
     thread.start()
+    heading = "[...document.querySelectorAll('h1')].map(e => e.textContent).join('|')"
     try:
         assert started.wait(60)
         time.sleep(1)
         with serve(tmp_path / "lab", tmp_path / "streamlit.log") as url, chromium() as page:
-            page.goto(url)  # then Compare from the sidebar: a live rerun right after loading /compare by its
-            settle(page)    # URL can land on the default page (see docs/dashboard.md, Behaviour)
-            page.get_by_test_id("stSidebarNav").get_by_role("link", name="Compare", exact=True).click()
+            page.goto(f"{url}/compare")
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1")
             # null-safe: a live redraw briefly replaces the chart element
             last_step = "document.querySelector('.js-plotly-plot')?._fullLayout?.xaxis?.range?.[1] ?? -1"
             page.wait_for_function(f"({last_step}) >= 0")
             first = page.evaluate(last_step)
             page.wait_for_function(f"({last_step}) > {first} + 50")  # live refresh redrew it, no reload
+            for _ in range(6):  # several live reruns later, still on the page the URL asked for
+                time.sleep(0.5)
+                assert page.evaluate(heading).startswith("Compare") and page.url.endswith("/compare")
             assert page.locator('[data-testid="stException"]').count() == 0
     finally:
         stop.set()

@@ -425,13 +425,13 @@ def test_a_pickled_run_reads_after_the_original_and_its_private_copy_are_gone(tm
 def test_a_newer_schema_version_is_refused_with_a_clear_error(tmp_path):
     write_run(tmp_path, "future")
     with sqlite3.connect(tmp_path / "future" / "run.db") as con:  # as a later stabilitylab would leave it
-        con.execute("PRAGMA user_version = 2")
-    with pytest.raises(SchemaVersionError, match="schema v2; this stabilitylab reads up to v1. Fix: upgrade"):
+        con.execute("PRAGMA user_version = 3")
+    with pytest.raises(SchemaVersionError, match="schema v3; this stabilitylab reads up to v2. Fix: upgrade"):
         Run(tmp_path / "future").scalars()
-    with pytest.raises(SchemaVersionError, match="v2"):
+    with pytest.raises(SchemaVersionError, match="v3"):
         RunWriter.resume(tmp_path / "future", 5)
     row = store.list_runs(tmp_path).iloc[0]
-    assert not row["readable"] and "schema v2" in row["error"]
+    assert not row["readable"] and "schema v3" in row["error"]
 
 
 def test_a_corrupt_database_is_listed_unreadable_while_the_other_runs_list_fine(tmp_path):

@@ -36,7 +36,7 @@ st.subheader("Where the two configs differ")
 rows = runs.set_index("run_id").loc[list(pair)]
 differ = story.varying(rows, seeds=True)
 if differ:
-    st.dataframe(rows[differ].T.rename(index=lambda c: c.removeprefix("config.")).astype(str),
+    st.dataframe(rows[differ].T.rename(index=lambda c: names.field_name(c)).astype(str),
                  key="arch_differences")
 else:
     st.caption("Nowhere: the two runs have the same config.")

@@ -74,13 +74,13 @@ fields = story.varying(rows)
 scope = "|".join(sorted(rows["experiment"].dropna().unique()))
 c = st.columns([3, 1.3, 1.2])
 group_by = c[0].multiselect("group by", fields, default=fields, key=f"compare_group_{mode}_{scope}",
-                            format_func=lambda f: f.removeprefix("config."),
+                            format_func=names.field_name,
                             help="runs that agree on these fields form one group (by default every config field "
                                  "but the seed: the seeds of one configuration)")
 column_options = ([CONSTRAINT] if INJECTION in fields and len({story.constrained(v) for v in rows[INJECTION]}) > 1
                   else []) + [f for f in fields if f in group_by] + ["none"]
 by = c[1].selectbox("columns", column_options, key=f"compare_columns_{mode}_{scope}",
-                    format_func=lambda f: f.removeprefix("config."),
+                    format_func=names.field_name,
                     help="side by side on one y axis")
 band = c[2].radio("band", list(BANDS), key="compare_band", help="the spread of each group's runs")
 facets, facet_of = facets_of(rows, by)
@@ -205,7 +205,7 @@ st.subheader("Config")
 only = st.toggle("differences only", value=True, key="compare_diff_only",
                  help="only the config fields whose value differs between the shown runs (seed included)")
 columns = story.varying(rows, seeds=True) if only else story.config_columns(rows)
-table = rows[columns].astype(str).rename(columns=lambda c: c.removeprefix("config."))
+table = rows[columns].astype(str).rename(columns=names.field_name)
 st.dataframe(table.assign(group=[group_key[r] for r in rows.index], seed=rows["seed"], status=rows["status"]),
              key="compare_config", column_order=["group", "seed", "status", *table.columns])
 

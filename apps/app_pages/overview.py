@@ -42,7 +42,7 @@ def side_table(rows: list[pd.Series], titles: tuple[str, str], extras: list[dict
         return f"{r['status']} @ {int(r['status_step'])}" if r["status"] in ("diverged", "failed") else r["status"]
 
     return pd.DataFrame({title: {"status": status(r), "max ρ(Ā)": sig(r["max_rho"]),
-                                 "max ‖h_T‖": sig(r["max_state_norm"]), "final loss": sig(r["final_loss"]),
+                                 "max ‖h_T‖": sig(r["max_state_norm"]), "final loss": story.loss_text(r),
                                  "λ₁": sig(e["lambda1"]), "loss spikes": str(e["spikes"])}
                          for r, title, e in zip(rows, titles, extras)})
 

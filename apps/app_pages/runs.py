@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashkit import lab as labdata
-from dashkit import names, session, widgets
+from dashkit import names, session, story, widgets
 
 COLUMNS = {"run_id": "run", "experiment": "experiment", "injection": "injection", "lr": "LR", "seed": "seed",
            "status_text": "status", "last_step": "steps", "final_loss": "final loss", "max_rho": "max ρ(Ā)",
@@ -16,7 +16,8 @@ COLUMNS = {"run_id": "run", "experiment": "experiment", "injection": "injection"
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     out = table.assign(injection=table[names.config_column("injection")], lr=table[names.config_column("lr")],
-                       status_text=[widgets.status_text(r) for r in table.itertuples()])
+                       status_text=[widgets.status_text(r) for r in table.itertuples()],
+                       final_loss=story.losses_shown(table))
     out = out.astype({"seed": "Int64", "last_step": "Int64"})
     return out[list(COLUMNS)].rename(columns=COLUMNS)
 
@@ -63,7 +64,9 @@ st.dataframe(unstable, hide_index=True, key="runs_table", placeholder="NaN", on_
              selection_mode="multi-row",
              selection_default={"selection": {"rows": [i for i, r in enumerate(shown) if r in session.selected()]}},
              column_config={"LR": st.column_config.NumberColumn(format="%.2e"),
-                            "final loss": st.column_config.NumberColumn(format="%.4f"),
+                            "final loss": st.column_config.NumberColumn(
+                                format="%.4f", help="the last loss logged; where that was NaN or inf (a diverged "
+                                                    "run), the last finite one"),
                             "max ρ(Ā)": st.column_config.NumberColumn(format="%.4f"),
                             "max ‖h_T‖": st.column_config.NumberColumn(format="%.3e")})
 st.download_button("⬇ runs.csv", data=lambda: runs.to_csv(index=False), file_name="runs.csv", mime="text/csv",

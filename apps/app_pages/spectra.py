@@ -65,11 +65,13 @@ else:
                 st.info(f"`{run_id}` recorded no spectra.")
                 continue
             at = int(row["step"])
+            st.caption(f"**{side}** · `{run_id}` · step {at}")  # the side once, so the labels fit their columns
             m = st.columns(4)
-            m[0].metric(f"ρ(Ā) ({side})", f"{row['rho']:.4f}", help="spectral radius: < 1 is stable")
-            m[1].metric(f"‖Ā‖₂ ({side})", f"{row['norm_a']:.4f}")
-            m[2].metric(f"|λ| ≥ 1 ({side})", int((np.abs(e) >= 1).sum()), help="modes that do not decay")
-            m[3].metric(f"slowest decay ({side})", f"{r.min():.4f}" if len(r) else "–", help="min −log|λ|")
+            m[0].metric("ρ(Ā)", f"{row['rho']:.4f}", help=f"{side}: spectral radius, < 1 is stable")
+            m[1].metric("‖Ā‖₂", f"{row['norm_a']:.4f}", help=f"{side}: the largest singular value of Ā")
+            m[2].metric("|λ| ≥ 1", int((np.abs(e) >= 1).sum()), help=f"{side}: modes that do not decay")
+            m[3].metric("min decay", f"{r.min():.3g}" if len(r) else "–",
+                        help=f"{side}: the slowest decay rate, min −log|λ| per loop iteration (< 0: a mode grows)")
             points = pd.DataFrame({"step": at, "index": np.arange(len(e)), "real": e.real, "imag": e.imag,
                                    "abs": np.abs(e), "decay_rate": r})
             widgets.chart(charts.eigen_figure(e, at, f, reach=reach, title=f"{side}: eigenvalues of Ā at step {at}"),

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from dashkit import names
 from stabilitylab.analysis import scaling
 
 LAWS = {**{f"test-time ({form})": law for form, law in scaling.TEST_TIME_FORMS.items()},
@@ -38,9 +39,9 @@ DATA_FIELDS = ("train.steps", "train.flop_budget", "train.batch_size", "data.seq
 
 def _depths(row) -> set[int]:
     """The test depths a run evaluates: config.train.eval_depths with 'mu', '2mu', … resolved."""
-    mu = row.get("config.model.mean_recurrence") or 1
+    mu = row.get(names.config_column("mu_rec")) or 1
     out = set()
-    for d in row.get("config.train.eval_depths") or []:
+    for d in row.get(names.config_column("eval_depths")) or []:
         if isinstance(d, str) and d.endswith("mu"):
             out.add(int((int(d[:-2]) if d[:-2] else 1) * mu))
         elif isinstance(d, (int, float)):
@@ -57,11 +58,12 @@ def fittable(runs: pd.DataFrame, law: str) -> pd.DataFrame:
     rows = []
     for experiment, members in runs.groupby("experiment", sort=False):
         done = members[members["status"] == "finished"]  # as `stabilitylab fit --lab` fits them
-        known = "config.train.eval_depths" in done and done["config.train.eval_depths"].notna().any()
+        column = names.config_column("eval_depths")
+        known = column in done and done[column].notna().any()
         depths = [len(_depths(r)) for r in done.to_dict("records")] if known else []
         n_T = max(depths, default=0)
-        n_N = done[[f"config.{f}" for f in SIZE_FIELDS if f"config.{f}" in done]].astype(str).drop_duplicates()
-        n_D = done[[f"config.{f}" for f in DATA_FIELDS if f"config.{f}" in done]].astype(str).drop_duplicates()
+        n_N = done[[c for f in SIZE_FIELDS if (c := names.PREFIX + f) in done]].astype(str).drop_duplicates()
+        n_D = done[[c for f in DATA_FIELDS if (c := names.PREFIX + f) in done]].astype(str).drop_duplicates()
         need = len(spec.params) + 1  # one point more than the parameters: a fit, not an interpolation
         why = []
         if done.empty:

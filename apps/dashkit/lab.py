@@ -63,10 +63,9 @@ def scalar_names(lab: str, run_id: str, token: tuple) -> list[str]:
 
 @st.cache_data(**CACHE)
 def scalars(lab: str, run_id: str, token: tuple, wanted: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (steps, values) at full resolution, for the wanted names this run logged."""
-    frame = run(lab, run_id).scalars(wanted)
-    return {name: (part["step"].to_numpy(), part["value"].to_numpy())
-            for name, part in frame.groupby("name", sort=False)}
+    """name -> (steps, values) at full resolution, for the wanted names this run logged
+    (one columnar read: Run.scalar_series)."""
+    return run(lab, run_id).scalar_series(wanted)
 
 
 @st.cache_data(**CACHE)
@@ -77,8 +76,8 @@ def spectra(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
 @st.cache_data(**CACHE)
 def spectrum_norms(lab: str, run_id: str, token: tuple) -> pd.DataFrame:
     """ρ(Ā) and the norms per spectrum step, without the eigenvalues: what curves over
-    training need, and a tenth of the bytes to keep in the cache."""
-    return run(lab, run_id).spectra().drop(columns="eigenvalues")
+    training need, a tenth of the bytes to keep in the cache, and the blobs never read."""
+    return run(lab, run_id).spectra(eigenvalues=False)
 
 
 @st.cache_data(**CACHE)

@@ -55,12 +55,21 @@ CONFIG = {
     "n_coda": "model.n_coda",
     "prelude_norm": "model.prelude_norm",
     "vocab_size": "model.vocab_size",
+    "eval_depths": "train.eval_depths",
 }
+
+
+PREFIX = records.CONFIG_PREFIX  # list_runs' config columns: PREFIX + "model.injection"
+
+
+def field_name(column: str) -> str:
+    """A config column as the user reads it: "config.model.injection" -> "model.injection"."""
+    return column.removeprefix(PREFIX)
 
 
 def config_column(role: str) -> str:
     """The list_runs column of a config role: "injection" -> "config.model.injection"."""
-    return f"config.{CONFIG[role]}"
+    return f"{PREFIX}{CONFIG[role]}"
 
 
 def config_value(config: dict, role: str, default=None):

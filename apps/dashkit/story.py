@@ -28,7 +28,7 @@ def is_seed(column: str) -> bool:
 
 
 def config_columns(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c.startswith("config.") and c != "config.name"]
+    return [c for c in table.columns if c.startswith(names.PREFIX) and c != f"{names.PREFIX}name"]
 
 
 def _key(value) -> str:
@@ -168,6 +168,27 @@ def first_pair(runs: pd.DataFrame) -> tuple[str, str] | None:
     return min(candidates, key=rank)
 
 
+def loss_shown(row) -> float:
+    """The loss a run ended on, as a reader expects it: its final loss, or where that was
+    NaN/inf (a diverged run), the last finite loss it logged (its status says it diverged)."""
+    final = row["final_loss"]
+    return final if np.isfinite(final) else row.get("last_finite_loss", math.nan)
+
+
+def losses_shown(runs: pd.DataFrame) -> np.ndarray:
+    """loss_shown of every row of a runs table."""
+    final = runs["final_loss"].to_numpy(float)
+    return np.where(np.isfinite(final), final, runs["last_finite_loss"].to_numpy(float))
+
+
+def loss_text(row) -> str:
+    """loss_shown as text, saying so where it is the last finite loss: '2.91 (last finite)'."""
+    shown = loss_shown(row)
+    if not np.isfinite(shown):
+        return "–"
+    return f"{shown:.3g}" if np.isfinite(row["final_loss"]) else f"{shown:.3g} (last finite)"
+
+
 def verdict(left: pd.Series, right: pd.Series, left_name: str, right_name: str) -> str:
     """One line on a matched pair: who diverged (and with what ρ(Ā)), else who ended lower."""
     def died(r: pd.Series, name: str) -> str:
@@ -202,7 +223,7 @@ def pair_table(runs: pd.DataFrame, pairs: Pairs, extras: pd.DataFrame) -> pd.Dat
         row = {"cell": cell}
         for side, r, name in (("L", left, pairs.left_value), ("R", right, pairs.right_value)):
             row.update({f"{name} status": r["status"], f"{name} ρ(Ā)": r["max_rho"],
-                        f"{name} max ‖h_T‖": r["max_state_norm"], f"{name} loss": r["final_loss"],
+                        f"{name} max ‖h_T‖": r["max_state_norm"], f"{name} loss": loss_shown(r),
                         f"{name} λ₁": r.get("lambda1", np.nan)})
         row["verdict"] = verdict(left, right, pairs.left_value, pairs.right_value)
         row["left"], row["right"] = a, b

@@ -122,20 +122,29 @@ def add_dashboard(sub: argparse._SubParsersAction) -> None:
 
 def dashboard_command(lab: str | None, port: int) -> list[str]:
     """`python -m streamlit run apps/dashboard.py ... -- --lab LAB`: the dashboard lives
-    beside the package in the repository (apps/ is not installed)."""
+    beside the package in the repository (apps/ is not installed). The script health check
+    is on so apps/warm.py can run the app once in the fresh server (see dashboard)."""
     app = Path(__file__).resolve().parents[2] / "apps" / "dashboard.py"
     if not app.is_file():
         raise UsageError("dashboard", f"{app} is missing: the dashboard ships with the repository",
                          "Run it from a clone")
     return [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
-            "--browser.gatherUsageStats", "false", "--", *(["--lab", lab] if lab else [])]
+            "--browser.gatherUsageStats", "false", "--server.scriptHealthCheckEnabled", "true",
+            "--", *(["--lab", lab] if lab else [])]
 
 
 def dashboard(args: argparse.Namespace) -> NoReturn:
-    """Become the Streamlit server (exec), so a signal to this process reaches it."""
+    """Become the Streamlit server (exec), so a signal to this process reaches it; beside
+    it, apps/warm.py runs the app once in the fresh server, so the first visit finds the
+    imports done and the lab read (it exits by itself)."""
     import os
+    import subprocess
 
     command = dashboard_command(args.lab, args.port)
+    host = os.environ.get("STREAMLIT_SERVER_ADDRESS") or "127.0.0.1"
+    subprocess.Popen([sys.executable, str(Path(command[4]).with_name("warm.py")), f"http://{host}:{args.port}"],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
     os.execv(command[0], command)
 
 

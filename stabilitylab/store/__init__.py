@@ -23,14 +23,16 @@ only code that knows the schema; it imports nothing of stabilitylab but the name
 
 from stabilitylab.store.lab import (DEFAULT_LAB, EXPORT_FORMATS, compact_lab, compact_run, export_run, find_runs,
                                     lab_token, list_runs, open_run, read_scalars)
-from stabilitylab.store.reader import LOSS_SCALAR, STATE_NORM_SCALAR, SUMMARY_COLUMNS, Run, Trace
-from stabilitylab.store.schema import (CHECKPOINT_DIR, CONFIG_NAME, DB_NAME, INSERTS, LOCK_NAME, NAN_BLOB, SCHEMA,
-                                       SCHEMA_VERSION, STATUSES, STEP_TABLES, SchemaVersionError, StoreError,
-                                       UnreadableRunError, run_id_parts)
+from stabilitylab.store.reader import SUMMARY_COLUMNS, Run, Trace
+from stabilitylab.store.schema import (CHECKPOINT_DIR, CONFIG_NAME, DB_NAME, INSERTS, LOCK_NAME, LOSS_SCALAR,
+                                       NAN_BLOB, SCHEMA, SCHEMA_VERSION, STATE_NORM_SCALAR, STATUSES, STEP_TABLES,
+                                       SUMMARY_FIELDS, SchemaVersionError, StoreError, UnreadableRunError,
+                                       run_id_parts)
 from stabilitylab.store.writer import RunWriter
 
 __all__ = ["DEFAULT_LAB", "DB_NAME", "CONFIG_NAME", "CHECKPOINT_DIR", "LOCK_NAME", "SCHEMA_VERSION", "SCHEMA",
-           "STEP_TABLES", "NAN_BLOB", "INSERTS", "STATUSES", "EXPORT_FORMATS", "LOSS_SCALAR", "STATE_NORM_SCALAR",
+           "STEP_TABLES", "SUMMARY_FIELDS", "NAN_BLOB", "INSERTS", "STATUSES", "EXPORT_FORMATS", "LOSS_SCALAR",
+           "STATE_NORM_SCALAR",
            "SUMMARY_COLUMNS", "StoreError", "SchemaVersionError", "UnreadableRunError", "RunWriter", "Run", "Trace",
            "find_runs", "open_run", "list_runs", "lab_token", "read_scalars", "compact_run", "compact_lab",
            "export_run", "run_id_parts"]

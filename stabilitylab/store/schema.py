@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from stabilitylab import records
+
 DB_NAME = "run.db"
 CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -27,7 +29,17 @@ STATUSES = ("running", "finished", "diverged", "failed")
 # NULL, which a wide row would confuse with "not logged", so a NaN scalar is stored as the
 # blob NAN_BLOB; in the other tables a row exists only when logged and NULL reads as NaN.
 # Arrays are little-endian blobs: float64 (traces, analysis), complex128 (eigenvalues).
-SCHEMA_VERSION = 1
+# v2 added `summary`: one row the writer keeps at every flush (last step, final and last
+# finite loss, max ρ(Ā), max ‖h_T‖), so listing a lab reads one row per run instead of
+# scanning its scalars and spectra. A v1 run reads as before (the summary is computed from
+# the tables, `compute_summary`); a writer opening one upgrades it to v2. v1 code refuses
+# v2 runs, so no writer can leave a summary stale.
+SCHEMA_VERSION = 2
+SUMMARY_TABLE = """CREATE TABLE summary (id INTEGER PRIMARY KEY CHECK (id = 1), last_step INTEGER, final_loss,
+                      last_finite_loss, max_rho, max_state_norm);  -- v2: one row, kept by the writer"""
+SUMMARY_FIELDS = ("last_step", "final_loss", "last_finite_loss", "max_rho", "max_state_norm")
+LOSS_SCALAR = records.LOSS  # the scalar the summary's losses read
+STATE_NORM_SCALAR = records.STATE_NORM  # the scalar the summary's max_state_norm reads (‖h_T‖)
 SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- JSON values
 CREATE TABLE status (id INTEGER PRIMARY KEY, time REAL NOT NULL, status TEXT NOT NULL,
@@ -48,6 +60,7 @@ CREATE TABLE analysis (name TEXT NOT NULL, step INTEGER NOT NULL, array BLOB NOT
 CREATE TABLE results (name TEXT PRIMARY KEY, value TEXT NOT NULL, time REAL NOT NULL);  -- JSON
 CREATE TABLE checkpoints (step INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
                           size INTEGER NOT NULL, time REAL NOT NULL, PRIMARY KEY (step, path));
+{SUMMARY_TABLE}
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 STEP_TABLES = ("scalars", "traces", "spectra", "evals", "events", "analysis", "checkpoints")
@@ -156,6 +169,67 @@ def real_sql(column: str) -> str:
     return f"IIF(typeof({column}) = 'blob', NULL, {column})"
 
 
+def finite_sql(column: str) -> str:
+    """SQL: the scalar column holds a finite number (not the NaN blob, not ±inf, logged)."""
+    return f"(typeof({column}) IN ('real', 'integer') AND abs({column}) < 9e999)"
+
+
+# ---- the summary (v2) ----------------------------------------------------------------------
+
+def compute_summary(con: sqlite3.Connection) -> dict[str, Any]:
+    """The summary from the tables themselves (what a v1 run is read with, and what a
+    writer records when it upgrades a run or truncates one on resume): last step, the last
+    logged loss (NaN if that was NaN), the last finite loss, max ρ(Ā) and max ‖h_T‖ (NaN
+    values skipped). Scans the ‖h_T‖ column and the spectra."""
+    columns = dict(con.execute("SELECT name, id FROM scalar_columns"))
+    out = dict.fromkeys(SUMMARY_FIELDS)
+    out["last_step"] = con.execute("SELECT MAX(step) FROM scalars").fetchone()[0]
+    if LOSS_SCALAR in columns:
+        out["final_loss"], out["last_finite_loss"] = last_losses(con, f"v{columns[LOSS_SCALAR]}")
+    if STATE_NORM_SCALAR in columns:  # MAX skips NULL: the largest non-NaN value
+        v = f"v{columns[STATE_NORM_SCALAR]}"
+        out["max_state_norm"] = con.execute(f"SELECT MAX({real_sql(v)}) FROM scalars").fetchone()[0]
+    out["max_rho"] = con.execute("SELECT MAX(rho) FROM spectra").fetchone()[0]
+    return out
+
+
+def last_losses(con: sqlite3.Connection, v: str) -> tuple[float | None, float | None]:
+    """(the last logged loss, NaN as None; the last finite one): index scans from the end."""
+    last = con.execute(f"SELECT {real_sql(v)} FROM scalars WHERE {v} IS NOT NULL ORDER BY step DESC LIMIT 1").fetchone()
+    finite = con.execute(f"SELECT {v} FROM scalars WHERE {finite_sql(v)} ORDER BY step DESC LIMIT 1").fetchone()
+    return (last or (None,))[0], (finite or (None,))[0]
+
+
+def read_summary(con: sqlite3.Connection) -> dict[str, Any]:
+    """The summary row of a v2 run (one row), else compute_summary (a v1 run). The last
+    step is read from the scalars table either way, and the spectra's last step looked up:
+    two index lookups that also meet a damaged root page of either table, as the scans of
+    compute_summary did."""
+    if con.execute("PRAGMA user_version").fetchone()[0] >= 2:
+        row = con.execute(f"SELECT {', '.join(SUMMARY_FIELDS)} FROM summary").fetchone()
+        if row is not None:
+            con.execute("SELECT MAX(step) FROM spectra").fetchone()
+            last_step = con.execute("SELECT MAX(step) FROM scalars").fetchone()[0]
+            return {**dict(zip(SUMMARY_FIELDS, row)), "last_step": last_step}
+    return compute_summary(con)
+
+
+def write_summary(con: sqlite3.Connection, summary: dict[str, Any]) -> None:
+    con.execute(f"INSERT OR REPLACE INTO summary (id, {', '.join(SUMMARY_FIELDS)}) "
+                f"VALUES (1{', ?' * len(SUMMARY_FIELDS)})", [summary[f] for f in SUMMARY_FIELDS])
+
+
+def upgrade(con: sqlite3.Connection) -> None:
+    """Bring a v1 run to v2 (add the summary table and fill it) in one transaction; a
+    writer calls it before its first write."""
+    if con.execute("PRAGMA user_version").fetchone()[0] >= 2:
+        return
+    with transaction(con):
+        con.execute(SUMMARY_TABLE.split("--")[0])
+        write_summary(con, compute_summary(con))
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -184,4 +258,5 @@ def existing_run(run_dir: str | Path) -> Path:
 
 
 __all__ = ["DB_NAME", "CONFIG_NAME", "CHECKPOINT_DIR", "LOCK_NAME", "STATUSES", "SCHEMA_VERSION", "SCHEMA",
+           "SUMMARY_FIELDS", "LOSS_SCALAR", "STATE_NORM_SCALAR",
            "STEP_TABLES", "NAN_BLOB", "StoreError", "SchemaVersionError", "UnreadableRunError"]

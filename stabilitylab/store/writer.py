@@ -29,9 +29,10 @@ import numpy as np
 
 from stabilitylab.store import publish as publishing
 from stabilitylab.store.schema import (CHECKPOINT_DIR, CONFIG_NAME, DAMAGED_FIX, DB_NAME, INSERTS, LOCK_NAME,
-                                       NAN_BLOB, SCHEMA, STATUSES, STEP_TABLES, StoreError, UnreadableRunError,
-                                       check_integrity, check_step, check_version, existing_run, floats_blob,
-                                       run_id_parts, transaction)
+                                       LOSS_SCALAR, NAN_BLOB, SCHEMA, STATE_NORM_SCALAR, STATUSES, STEP_TABLES,
+                                       StoreError, UnreadableRunError, check_integrity, check_step, check_version,
+                                       compute_summary, existing_run, floats_blob, last_losses, read_summary,
+                                       real_sql, run_id_parts, transaction, upgrade, write_summary)
 
 
 class RunWriter:
@@ -70,6 +71,8 @@ class RunWriter:
                 raise StoreError(run_dir, "readers kept the run busy for 10 s; could not start writing",
                                  "retry; readers hold a run only for the length of one query")
             self._con.execute("PRAGMA synchronous = NORMAL")  # in WAL: durable against a process crash
+            upgrade(self._con)  # a v1 run gets its summary row (schema v2) before anything else is written
+            self._summary = read_summary(self._con)
             self._ids = dict(self._con.execute("SELECT name, id FROM scalar_columns"))
             self.status = self._con.execute("SELECT status FROM status ORDER BY id DESC LIMIT 1").fetchone()[0]
         except BaseException as err:
@@ -159,6 +162,8 @@ class RunWriter:
                 for table in STEP_TABLES:
                     con.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
                 dropped = con.total_changes - before
+                writer._summary = compute_summary(con)  # the maxima may have been in the dropped rows
+                write_summary(con, writer._summary)
                 con.execute("INSERT INTO status (time, status, step, reason) VALUES (?, 'running', ?, ?)",
                             (time.time(), step, f"resumed after step {step}"))
                 con.execute("INSERT INTO events (step, kind, detail, time) VALUES (?, 'resume', ?, ?)",
@@ -303,6 +308,7 @@ class RunWriter:
             for step, row in self._steps.items():
                 groups.setdefault(tuple(row), []).append((step, *row.values()))
             with self._writing(), transaction(self._con):
+                overwritten = self._overwritten()
                 for nid, name in self._new_columns:
                     self._con.execute("INSERT INTO scalar_columns VALUES (?, ?)", (nid, name))
                     self._con.execute(f"ALTER TABLE scalars ADD COLUMN v{nid}")
@@ -313,6 +319,9 @@ class RunWriter:
                                           f"ON CONFLICT (step) DO UPDATE SET {updates}", rows)
                 for table, sql in INSERTS.items():
                     self._con.executemany(sql, self._buffers[table])
+                summary = self._next_summary(overwritten)
+                write_summary(self._con, summary)
+            self._summary = summary  # only once committed: a failed flush must not count its rows
             self._new_columns.clear()
             self._steps.clear()
             for rows in self._buffers.values():
@@ -321,6 +330,45 @@ class RunWriter:
         self._flush_due = time.monotonic() + self.flush_seconds
         if self._local is not None and time.monotonic() >= self._publish_due:
             self._publish()
+
+    def _overwritten(self) -> set[str]:
+        """The maxima this flush may lower by replacing a logged value (the same step logged
+        again): an index lookup each, before the rows go in."""
+        out = set()
+        norm = self._ids.get(STATE_NORM_SCALAR)
+        norm_steps = [step for step, row in self._steps.items() if norm in row]
+        if norm_steps and norm not in dict(self._new_columns) and self._con.execute(
+                f"SELECT 1 FROM scalars WHERE step >= ? AND v{norm} IS NOT NULL LIMIT 1",
+                (min(norm_steps),)).fetchone():
+            out.add("max_state_norm")
+        spectra = [r[0] for r in self._buffers["spectra"]]
+        if spectra and self._con.execute("SELECT 1 FROM spectra WHERE step >= ? LIMIT 1", (min(spectra),)).fetchone():
+            out.add("max_rho")
+        return out
+
+    def _next_summary(self, overwritten: set[str]) -> dict[str, Any]:
+        """The summary row with this flush's rows in (inside its transaction, after them):
+        max ‖h_T‖ and max ρ(Ā) from the new values (NaN skipped, as SQL's MAX skips NULL),
+        or from the whole column where a value was replaced; the last step and the last
+        (finite) loss by index lookups from the end. The numbers of compute_summary, without
+        its scans."""
+        summary = dict(self._summary)
+        norm = self._ids.get(STATE_NORM_SCALAR)
+        new_norms = [v for row in self._steps.values() if isinstance(v := row.get(norm), float) and v == v]
+        new_rhos = [r[1] for r in self._buffers["spectra"] if r[1] is not None and r[1] == r[1]]
+        for key, new in (("max_state_norm", new_norms), ("max_rho", new_rhos)):
+            summary[key] = max([*new, *([] if summary[key] is None else [summary[key]])], default=None)
+        if "max_state_norm" in overwritten:
+            column = real_sql(f"v{norm}")
+            summary["max_state_norm"] = self._con.execute(f"SELECT MAX({column}) FROM scalars").fetchone()[0]
+        if "max_rho" in overwritten:
+            summary["max_rho"] = self._con.execute("SELECT MAX(rho) FROM spectra").fetchone()[0]
+        if self._steps:
+            summary["last_step"] = self._con.execute("SELECT MAX(step) FROM scalars").fetchone()[0]
+            if LOSS_SCALAR in self._ids:
+                summary["final_loss"], summary["last_finite_loss"] = last_losses(self._con,
+                                                                                 f"v{self._ids[LOSS_SCALAR]}")
+        return summary
 
     def _publish(self) -> None:
         """Publish mode: replace the lab's run.db by a snapshot of the local database."""
