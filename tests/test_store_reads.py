@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stabilitylab import records, store
@@ -155,6 +155,7 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=st.lists(st.tuples(st.integers(0, 3), numbers, numbers, numbers, st.booleans()), max_size=30))
+@example(history=[(0, None, None, 1.0, False), (0, None, None, 0.0, False)])  # one step's spectrum twice, one flush
 def test_the_summary_row_equals_the_tables_after_any_history(tmp_path_factory, history):
     """Steps that repeat or skip, NaN and ±inf values, names logged or not, spectra with
     NaN ρ(Ā), flushes anywhere: the kept row is what the tables give."""

@@ -342,7 +342,9 @@ class RunWriter:
                 (min(norm_steps),)).fetchone():
             out.add("max_state_norm")
         spectra = [r[0] for r in self._buffers["spectra"]]
-        if spectra and self._con.execute("SELECT 1 FROM spectra WHERE step >= ? LIMIT 1", (min(spectra),)).fetchone():
+        if spectra and (len(set(spectra)) < len(spectra)  # a step logged twice in this flush: the last one stays
+                        or self._con.execute("SELECT 1 FROM spectra WHERE step >= ? LIMIT 1",
+                                             (min(spectra),)).fetchone()):
             out.add("max_rho")
         return out
 
