@@ -236,6 +236,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     maps = key_map(ours)
     _check_tensors(tensors, published_shapes(ours, maps), raw, path / files[0])
     lm.load_state_dict(from_published(tensors, maps, ours), strict=True, assign=True)
+    del tensors  # the module now holds the only reference: .to() frees each stored tensor as it converts it
     # the non-persistent RoPE frequencies were never stored (still on meta): computed anew, in
     # float32 whatever dtype the weights get
     lm.model.rotary_emb = nn.Identity()
