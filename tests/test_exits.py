@@ -95,8 +95,13 @@ def test_gate_exit_is_where_the_cumulative_exit_probability_reaches_q(lam, q):
     xs = [math.log(1 - q) / math.log(1 - x) for x in lam]
     if any(abs(x - round(x)) < 1e-6 for x in xs):
         return
-    roll = exits.rollout(GatedLoop([0.5] * N_TOKENS, gate=lam), *tokens(), depth=200)
+    loop = GatedLoop([0.5] * N_TOKENS, gate=lam)
+    loop.mu_rec = 200  # the gate's distribution spans the trained steps: make them all of D
+    roll = exits.rollout(loop, *tokens(), depth=200)
     assert exits.exit_depths(roll, "gate", q).tolist() == [max(1, math.ceil(x)) for x in xs]
+    loop.mu_rec = 4  # Ouro's last trained step takes the rest: every token is out by μ_rec, past it too
+    roll = exits.rollout(loop, *tokens(), depth=10)
+    assert exits.exit_depths(roll, "gate", q).tolist() == [min(4, max(1, math.ceil(x))) for x in xs]
 
 
 def test_the_gate_rule_is_skipped_with_the_reason_on_a_model_without_a_gate():

@@ -57,15 +57,17 @@ def copy(published, tmp_path) -> Path:
     return target
 
 
-def their_run(path: Path, tokens: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, z_H, z_L) of transformers' own model loaded from `path`, run for `depth` H-cycles."""
+def their_run(path: Path, tokens: torch.Tensor, depth: int,
+              token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, z_H, z_L) of transformers' own model loaded from `path`, run for `depth` H-cycles
+    (prefix-LM mask when token_type_ids is given)."""
     ref = HrmTextForCausalLM.from_pretrained(path).eval()
     ref.config.H_cycles = depth
     z_L = []
     hook = ref.model.L_module.register_forward_hook(lambda module, args, out: z_L.append(out))
     with torch.no_grad():
-        out = ref(tokens, use_cache=False)
-        z_H = ref.model(tokens, use_cache=False).last_hidden_state
+        out = ref(tokens, token_type_ids=token_type_ids, use_cache=False)
+        z_H = ref.model(tokens, token_type_ids=token_type_ids, use_cache=False).last_hidden_state
     hook.remove()
     return out.logits, z_H, z_L[-1]
 
@@ -83,6 +85,69 @@ def test_logits_and_states_after_t_steps_match_transformers(published, depth):
     torch.testing.assert_close(states[-1][..., :d], z_H, rtol=0, atol=1e-5)
     torch.testing.assert_close(states[-1][..., d:], z_L, rtol=0, atol=1e-5)
     assert model.mu_rec == SMALL["H_cycles"] and model.linear_part() is None
+
+
+# row 0: a 5-token instruction then the response; row 1: instruction marks not contiguous (transformers
+# makes ALL positions of type 1 one bidirectional block, wherever they are)
+TOKEN_TYPES = torch.tensor([[1] * 5 + [0] * 7, [1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0]])
+
+
+def our_run(model: HrmTextLoop, tokens: torch.Tensor, depth: int, token_type_ids: torch.Tensor) -> tuple:
+    """(logits, h_depth) through the loop interface with token types passed to loop_map."""
+    with torch.no_grad():
+        e = model.encode(tokens)
+        F = model.loop_map(e, tokens, token_type_ids=token_type_ids)
+        h = model.initial_state(e)
+        for _ in range(depth):
+            h = F(h)
+        return model.decode(h, tokens), h
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_prefix_lm_mask_matches_transformers_token_type_ids(published, depth):
+    model, _ = formats.load(published)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(10 + depth))
+    logits, h = our_run(model, tokens, depth, TOKEN_TYPES)
+    their_logits, z_H, z_L = their_run(published, tokens, depth, TOKEN_TYPES)
+    d = SMALL["hidden_size"]
+    torch.testing.assert_close(logits, their_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h[..., :d], z_H, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h[..., d:], z_L, rtol=0, atol=1e-5)
+    causal, _ = run_loop(model, tokens, depth)
+    assert (logits - causal).abs().max() > 1e-3  # the mask matters: not the causal answer
+
+
+def test_prefix_len_is_the_contiguous_instruction_for_every_analysis(published):
+    """prefix_len = p is token types 1 on positions < p, reaching run_loop (and so every analysis);
+    an instruction token is seen by the instruction positions before it, a response token by none."""
+    model, _ = formats.load(published)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    types = (torch.arange(12) < 5).long().expand(2, 12)
+    explicit, _ = our_run(model, tokens, 2, types)
+    model.prefix_len = 5
+    logits, _ = run_loop(model, tokens, 2)
+    torch.testing.assert_close(logits, explicit, rtol=0, atol=0)
+    changed = tokens.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % SMALL["vocab_size"]  # the last instruction token
+    seen, _ = run_loop(model, changed, 2)
+    assert (seen[:, :4] - logits[:, :4]).abs().amax() > 1e-4
+    changed = tokens.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % SMALL["vocab_size"]  # a response token: causal
+    unseen, _ = run_loop(model, changed, 2)
+    torch.testing.assert_close(unseen[:, :7], logits[:, :7], rtol=0, atol=0)
+    spectrum = loop_jacobian(model, tokens[:1, :6], depth=2, position=0, k=4, method="dense")
+    assert math.isfinite(spectrum.radius)
+
+
+def test_token_types_on_a_causal_only_checkpoint_are_refused(copy):
+    edit_config(copy, prefix_lm=False)
+    model, _ = formats.load(copy)
+    tokens = torch.zeros(2, 12, dtype=torch.long)
+    with pytest.raises(ValueError, match="prefix_lm is false"):
+        model.loop_map(model.encode(tokens), tokens, token_type_ids=TOKEN_TYPES)
+    with pytest.raises(ValueError, match=r"token_type_ids must be \(batch, seq_len\)"):
+        model.lm.config.prefix_lm = True
+        model.loop_map(model.encode(tokens), tokens, token_type_ids=TOKEN_TYPES[:, :5])
 
 
 def test_the_loop_map_goes_through_torch_func(published):

@@ -8,8 +8,15 @@ A token exits at the first t ≥ 1 where its criterion falls below the threshold
     kl        KL(p_t ‖ p_{t−1}) < ε                           (Huginn's default, KL of successive readouts)
     entropy   |H(p_t) − H(p_{t−1})| < ε
     argmax    argmax p has not changed for the last k = ε steps (t ≥ k)
-    gate      1 − ∏_{s≤t} (1 − λ_s) ≥ ε, λ_s = exit_probability(h_s)   (Ouro's learned gate; only
-              when the model has `exit_probability`)
+    gate      Σ_{s≤t} p_s ≥ ε, p_s = λ_s ∏_{j<s} (1 − λ_j), λ_s = exit_probability(h_s)   (Ouro's
+              learned gate; only when the model has `exit_probability`)
+
+The gate's exit distribution is Ouro's own: over the trained steps 1..n, n = μ_rec
+(total_ut_steps), the last one taking what is left (p_n = ∏_{j<n}(1 − λ_j)), so the
+cumulative probability is 1 at n and every token exits by n, whatever D; it is summed in
+float32 in the authors' order (p_s, then a running sum), so their float rounding carries
+over too (at ε = 1.0, their default, a token may exit before n once the float sum rounds
+to 1).
 
 Per criterion and threshold: mean exit depth and the loss (cross-entropy of the exit readout
 against the next token). Against the reference, the loss at the model's own depth μ_rec,
@@ -147,8 +154,9 @@ def rollout(model: LoopModel, tokens: Tensor, targets: Tensor, depth: int, h0: T
     logp = read(h)
     cols: dict[str, list[Tensor]] = {k: [] for k in ("latent", "residual", "kl", "entropy", "nll", "gate")}
     argmax = [logp.argmax(-1)]
-    survive = torch.ones_like(y, dtype=torch.float32)
-    for _ in range(depth):
+    remaining = torch.ones_like(y, dtype=torch.float32)
+    cumulative = torch.zeros_like(remaining)
+    for t in range(1, depth + 1):
         h_new = F(h)
         r = (h_new - h).float().reshape(-1, h.shape[-1]).norm(dim=-1)
         cols["residual"].append(r)
@@ -160,9 +168,14 @@ def rollout(model: LoopModel, tokens: Tensor, targets: Tensor, depth: int, h0: T
         cols["entropy"].append((ent_new - ent_old).abs())
         cols["nll"].append(-new.gather(-1, y[:, None])[:, 0])
         argmax.append(new.argmax(-1))
-        if gate_fn is not None:
-            survive = survive * (1 - gate_fn(h_new).float().reshape(-1))
-            cols["gate"].append(1 - survive)
+        if gate_fn is not None:  # Ouro's exit distribution (module docstring): step μ_rec takes the rest
+            if t < model.mu_rec:
+                lam = gate_fn(h_new).float().reshape(-1)
+                cumulative = cumulative + lam * remaining
+                remaining = remaining * (1 - lam)
+            else:
+                cumulative = torch.ones_like(cumulative)
+            cols["gate"].append(cumulative)
         h, logp = h_new, new
     stack = {k: torch.stack(v) if v else None for k, v in cols.items()}
     return Rollout(stack["latent"], stack["residual"], stack["kl"], stack["entropy"], torch.stack(argmax),

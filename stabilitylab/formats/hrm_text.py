@@ -12,9 +12,21 @@ Each stack ends in a weightless RMSNorm. As a loop model (model/interface.py) th
 is the flat concatenation h = [z_H; z_L] (B, T, 2·hidden_size), one iteration of F is one
 H-cycle, and the trained depth μ_rec is H_cycles. There is no input injection: e only
 sets z_H's start and the states meet by plain addition, so linear_part() is None and the
-ρ(Ā) / ‖B̄‖₂ bounds are not applicable. Attention is causal over the whole sequence (the
-prefix-LM mask of token_type_ids is not modelled) and runs on transformers' eager kernel,
+ρ(Ā) / ‖B̄‖₂ bounds are not applicable. Attention runs on transformers' eager kernel,
 which torch.func can differentiate forward (jvp) and batch (vmap).
+
+Prefix-LM attention (config.json's prefix_lm, true by default) is transformers' mask:
+causal, except that the positions with token_type_ids == 1 (the instruction) form ONE
+bidirectional block,
+
+    allowed(b, q, k) = k ≤ q  or  (type[b, q] = 1 and type[b, k] = 1)
+
+(modeling_hrm_text.py passes block_sequence_ids = where(type == 1, 0, −1) to
+create_causal_mask, whose blockwise_overlay ORs "same group ≥ 0" into the causal mask).
+Without token_type_ids it is plainly causal, as transformers' forward is. The mask is
+fixed by the input, not by the state, so it enters F as a constant: loop_map(e, tokens,
+token_type_ids) takes it per call; for the analyses, which call loop_map(e, tokens),
+`prefix_len` = p (default 0) marks positions 0..p−1 of every sequence as the instruction.
 
 Loading reads the directory as published: config.json (every field must be an
 HrmTextConfig field) and model.safetensors or model.safetensors.index.json + shards,
@@ -66,6 +78,7 @@ class HrmTextLoop(nn.Module):
         self.state_dim = 2 * config.hidden_size
         self.mu_rec = config.H_cycles
         self.mu_bwd = config.H_cycles  # every H-cycle carries gradient in training (L_bp_cycles limits L's)
+        self.prefix_len = 0  # instruction positions when loop_map gets no token_type_ids (module docstring)
 
     def encode(self, tokens: Tensor) -> Tensor:
         """e = embedding_scale · embed_tokens(tokens)."""
@@ -79,16 +92,39 @@ class HrmTextLoop(nn.Module):
         z_L = self.lm.model.z_L_init.to(e).expand_as(e)
         return torch.cat([e, z_L], dim=-1)
 
-    def _context(self, e: Tensor) -> dict[str, Any]:
-        """RoPE (cos, sin) and the additive causal mask for a sequence of e's length."""
-        T = e.shape[1]
-        positions = torch.arange(T, device=e.device)[None]
-        mask = torch.full((T, T), torch.finfo(e.dtype).min, dtype=e.dtype, device=e.device).triu(1)
-        return {"position_embeddings": self.lm.model.rotary_emb(e, positions), "attention_mask": mask[None, None]}
+    def token_types(self, e: Tensor, token_type_ids: Tensor | None) -> Tensor | None:
+        """The (B, T) instruction marks F uses: token_type_ids as given, else positions < prefix_len
+        (module docstring), else None (causal)."""
+        B, T = e.shape[:2]
+        if token_type_ids is None:
+            if not self.prefix_len:
+                return None
+            token_type_ids = (torch.arange(T, device=e.device) < self.prefix_len).long().expand(B, T)
+        if tuple(token_type_ids.shape) != (B, T):
+            raise ValueError(f"token_type_ids must be (batch, seq_len) = {(B, T)}, got {tuple(token_type_ids.shape)}")
+        if not self.lm.config.prefix_lm:
+            raise ValueError("config.json's prefix_lm is false: this model attends causally only; drop "
+                             "token_type_ids / set prefix_len = 0")
+        return token_type_ids
 
-    def loop_map(self, e: Tensor, tokens: Tensor | None = None) -> Map:
-        """F: one H-cycle on h = [z_H; z_L] (module docstring); pure, torch.func-safe."""
-        context = self._context(e)
+    def _context(self, e: Tensor, token_type_ids: Tensor | None) -> dict[str, Any]:
+        """RoPE (cos, sin) and the additive attention mask: causal, with the instruction block
+        bidirectional where token types are given (module docstring)."""
+        T = e.shape[1]
+        positions = torch.arange(T, device=e.device)
+        allowed = (positions[None, :] <= positions[:, None])[None, None]  # (1, 1, q, k)
+        types = self.token_types(e, token_type_ids)
+        if types is not None:
+            instruction = types == 1
+            allowed = allowed | (instruction[:, None, :, None] & instruction[:, None, None, :])
+        mask = torch.zeros(allowed.shape, dtype=e.dtype, device=e.device).masked_fill(~allowed,
+                                                                                        torch.finfo(e.dtype).min)
+        return {"position_embeddings": self.lm.model.rotary_emb(e, positions[None]), "attention_mask": mask}
+
+    def loop_map(self, e: Tensor, tokens: Tensor | None = None, token_type_ids: Tensor | None = None) -> Map:
+        """F: one H-cycle on h = [z_H; z_L] (module docstring), under the prefix-LM mask of
+        token_type_ids (B, T) (1 = instruction) or of prefix_len; pure, torch.func-safe."""
+        context = self._context(e, token_type_ids)
         L, H, cycles, d = self.lm.model.L_module, self.lm.model.H_module, self.lm.config.L_cycles, self.d
 
         def F(h: Tensor) -> Tensor:
@@ -200,6 +236,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     maps = key_map(ours)
     _check_tensors(tensors, published_shapes(ours, maps), raw, path / files[0])
     lm.load_state_dict(from_published(tensors, maps, ours), strict=True, assign=True)
+    del tensors  # the module now holds the only reference: .to() frees each stored tensor as it converts it
     # the non-persistent RoPE frequencies were never stored (still on meta): computed anew, in
     # float32 whatever dtype the weights get
     lm.model.rotary_emb = nn.Identity()

@@ -297,6 +297,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     expected = model.state_dict()
     _check_tensors(tensors, expected, cfg, path / files[0])
     model.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
+    del tensors  # the module now holds the only reference: .to() frees each stored tensor as it converts it
     model.rope = rope_pairs(cfg.head_dim, cfg.block_size, cfg.rope_base)
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     model.rope = model.rope.float()  # RoPE angles stay float32 whatever the weights' dtype

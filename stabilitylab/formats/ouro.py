@@ -341,6 +341,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     expected = model.state_dict()
     _check_tensors(tensors, expected, raw, cfg.tied, path / files[0])
     model.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
+    del tensors  # the module now holds the only reference: .to() frees each stored tensor as it converts it
     model.inv_freq = inverse_frequencies(cfg)  # never stored: computed anew
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     model.inv_freq = model.inv_freq.float()  # RoPE angles stay float32 whatever the weights' dtype
