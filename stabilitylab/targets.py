@@ -121,17 +121,30 @@ class Target:
 
 
 def load_target(ref: str | Path, lab: str | Path = DEFAULT_LAB, step: int | None = None,
-                format: str | None = None) -> Target:
+                format: str | None = None, prefix_len: int = 0) -> Target:
     """A Target from a run directory or run id in `lab`, a checkpoint file, or a format
     directory (tried in this order: format directory, run, file). `step` picks a run's
     checkpoint (default: the newest); it is refused for the other kinds. `format` forces
-    the format of a directory (else it is detected from its config.json)."""
+    the format of a directory (else it is detected from its config.json). `prefix_len` p
+    marks positions 0..p−1 of every sequence as the instruction of a prefix-LM (HRM-Text:
+    attention within them is bidirectional); refused for a model without that mask."""
     path = Path(ref)
     if format is not None or is_checkpoint_dir(path):
         kind = format or detect(path) or "format"
         _no_step(step, path, f"a {kind} directory holds one checkpoint")
         model, _ = load_format(path, format)  # an unknown format is refused here, naming model_type
+        if prefix_len:
+            if not hasattr(model, "prefix_len"):
+                raise TargetError(path, f"prefix_len {prefix_len}: a {kind} model has no prefix-LM mask (only "
+                                        "hrm_text has one)", "Drop --prefix-len")
+            if not getattr(model.lm.config, "prefix_lm", True):
+                raise TargetError(path / "config.json", f"prefix_len {prefix_len}: prefix_lm is false, the model "
+                                                        "attends causally only", "Drop --prefix-len")
+            model.prefix_len = prefix_len
         return Target(model.eval(), kind, path)
+    if prefix_len:
+        raise TargetError(path, f"prefix_len {prefix_len}: only a checkpoint directory of a prefix-LM format "
+                                "(hrm_text) has a prefix-LM mask", "Drop --prefix-len")
     if (path / DB_NAME).is_file() or (Path(lab) / path / DB_NAME).is_file():
         return _from_run(open_run(ref, lab), step, "run")
     if path.is_file():
@@ -230,10 +243,11 @@ def _split_tokens(tokens: np.ndarray, vocab_size: int) -> tuple[Tensor, Tensor]:
 
 
 def check_target(ref: str | Path, bounds: Bounds, settings: CheckSettings, tokens: np.ndarray | None = None,
-                 lab: str | Path = DEFAULT_LAB, step: int | None = None, format: str | None = None) -> CheckReport:
+                 lab: str | Path = DEFAULT_LAB, step: int | None = None, format: str | None = None,
+                 prefix_len: int = 0) -> CheckReport:
     """analysis.bounds.check_bounds on a target with its batch (what `stabilitylab check` runs);
     `tokens` replace the target's own batch (see Target.batch)."""
-    target = load_target(ref, lab, step, format)
+    target = load_target(ref, lab, step, format, prefix_len)
     if not any(name in BATCH_BOUNDS for name in bounds.names()):
         return check_bounds(target.model, bounds, settings, label=target.label)
     batch = target.batch(settings.batch_size, settings.seq_len, settings.seed, tokens)

@@ -22,7 +22,7 @@ from stabilitylab.cli import main
 from stabilitylab.formats.files import CheckpointError
 from stabilitylab.formats.hrm_text import HrmTextLoop
 from stabilitylab.model import LoopModel, run_loop
-from stabilitylab.targets import check_target, load_target
+from stabilitylab.targets import TargetError, check_target, load_target
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              head_dim=16, max_position_embeddings=32, H_cycles=2, L_cycles=2)
@@ -246,3 +246,31 @@ def test_the_check_verb_runs_on_the_directory_and_refuses_a_wrong_format_with_ex
     assert code == 0 and "n/a" in out and "max_state_growth" in out
     code = main(["check", str(published), "--bounds", str(bounds), "--format", "parcae_lm"])
     assert code == 2 and "_class_name" in capsys.readouterr().err
+
+
+def test_prefix_len_flag_reaches_the_model_in_every_verb_and_is_refused_where_it_means_nothing(
+        published, copy, capsys, tmp_path):
+    """--prefix-len N sets the instruction block of the loaded model for check, analyze,
+    trace and exit (their numbers move from the causal ones); it is a one-line exit 2 for
+    a negative N, for a model without a prefix-LM mask and on a prefix_lm = false checkpoint."""
+    assert load_target(published).model.prefix_len == 0
+    assert load_target(published, prefix_len=4).model.prefix_len == 4
+    for verb in (["trace", str(published), "--depth", "2", "--batch", "1"],
+                 ["exit", str(published), "--max-depth", "3", "--batch", "1", "--seq-len", "8"]):
+        outputs = []
+        for extra in ([], ["--prefix-len", "6"]):
+            assert main([*verb, *extra]) == 0, capsys.readouterr().err
+            outputs.append(capsys.readouterr().out)
+        assert outputs[0] != outputs[1], verb[0]  # bidirectional attention in the first 6 positions
+    bounds = tmp_path / "bounds.toml"
+    bounds.write_text("[bounds]\nmax_state_growth = 100.0\n[settings]\nbatch_size = 1\nseq_len = 8\n")
+    assert main(["check", str(published), "--bounds", str(bounds), "--prefix-len", "6"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(published), "--bounds", str(bounds), "--prefix-len", "-1"]) == 2
+    assert "--prefix-len" in capsys.readouterr().err
+    with pytest.raises(TargetError, match="prefix-LM"):  # a run or a checkpoint file: LoopedLM has no such mask
+        load_target(tmp_path / "some-run", prefix_len=2)
+    edit_config(copy, prefix_lm=False)
+    assert main(["analyze", str(copy), "--prefix-len", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "prefix_lm is false" in err and "config.json" in err and len(err.strip().splitlines()) == 1

@@ -14,6 +14,8 @@ from stabilitylab.config import ConfigError
 TARGET_HELP = ("a run directory or run id in --lab, a checkpoint file, or a checkpoint directory (parcae_lm, "
                "hrm_text, huginn, ouro)")
 FORMAT_HELP = "force the format of a checkpoint directory (parcae_lm, hrm_text, huginn, ouro); default: from its config.json"
+PREFIX_HELP = ("hrm_text: positions 0..N-1 of every sequence are the instruction of the prefix-LM mask "
+               "(bidirectional among them); default 0, causal")
 LAWS = ("chinchilla", "training", "test-time", "unified")
 
 
@@ -152,6 +154,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
                                        "recorded into the run")
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--format", help=FORMAT_HELP)
+    p.add_argument("--prefix-len", type=int, default=0, metavar="N", help=PREFIX_HELP)
     p.add_argument("--jacobian", action="store_true", help="the Jacobian spectrum (default: both)")
     p.add_argument("--lyapunov", action="store_true", help="the Lyapunov exponents (default: both)")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
@@ -175,11 +178,11 @@ def analyze(args: argparse.Namespace) -> int:
     from stabilitylab.analyze import record
     from stabilitylab.targets import checkpoint_steps, load_target, read_tokens
 
-    check_counts(args, depth=1, batch=1, seq_len=1)
+    check_counts(args, depth=1, batch=1, seq_len=1, prefix_len=0)
     if args.all_checkpoints and args.checkpoint is not None:
         raise UsageError("--all-checkpoints", "and --checkpoint both pick checkpoints", "Pass one of them")
     tokens = read_tokens(args.tokens) if args.tokens else None
-    first = load_target(args.target, args.lab, args.checkpoint, args.format)
+    first = load_target(args.target, args.lab, args.checkpoint, args.format, args.prefix_len)
     targets = [first]
     if args.all_checkpoints:
         if first.run is None:
@@ -211,6 +214,7 @@ def add_check(sub: argparse._SubParsersAction) -> None:
                                      "loss); exit 1 if one fails")
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--format", help=FORMAT_HELP)
+    p.add_argument("--prefix-len", type=int, default=0, metavar="N", help=PREFIX_HELP)
     p.add_argument("--bounds", required=True, metavar="FILE", help="bounds TOML, e.g. checks/bounds.toml")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="a run's checkpoint (default: the newest)")
     p.add_argument("--tokens", metavar="FILE.npy", help="a (batch, seq_len + 1) integer array to check on")
@@ -225,9 +229,11 @@ def check(args: argparse.Namespace) -> int:
     from stabilitylab.analysis.bounds import load_bounds
     from stabilitylab.targets import check_target, read_tokens
 
+    check_counts(args, prefix_len=0)
     bounds, settings = load_bounds(args.bounds)
     tokens = read_tokens(args.tokens) if args.tokens else None
-    report = check_target(args.target, bounds, settings, tokens, args.lab, args.checkpoint, args.format)
+    report = check_target(args.target, bounds, settings, tokens, args.lab, args.checkpoint, args.format,
+                          args.prefix_len)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if args.junit:
         try:
@@ -244,6 +250,7 @@ def add_exit(sub: argparse._SubParsersAction) -> None:
                                     "loss vs mean depth, compute saved, predicted vs measured; recorded into the run")
     p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--format", help=FORMAT_HELP)
+    p.add_argument("--prefix-len", type=int, default=0, metavar="N", help=PREFIX_HELP)
     p.add_argument("--criterion", action="append", metavar="NAME",
                    help="latent, kl, entropy, argmax or gate (repeatable; default: all, gate where the model has one)")
     p.add_argument("--eps", action="append", type=float, metavar="X",
@@ -267,7 +274,7 @@ def exit_(args: argparse.Namespace) -> int:
     from stabilitylab.model.interface import has_loop
     from stabilitylab.targets import load_target, read_tokens
 
-    check_counts(args, max_depth=2, batch=1, seq_len=1)
+    check_counts(args, max_depth=2, batch=1, seq_len=1, prefix_len=0)
     criteria = tuple(dict.fromkeys(args.criterion or exits.CRITERIA))
     unknown = [c for c in criteria if c not in exits.CRITERIA]
     if unknown:
@@ -281,7 +288,7 @@ def exit_(args: argparse.Namespace) -> int:
     if args.eps and alone == "gate" and any(x > 1 for x in args.eps):
         raise UsageError("--eps", "the gate's q is a probability in (0, 1]", "Pass --eps 0.9 or the like")
     tokens = read_tokens(args.tokens) if args.tokens else None
-    target = load_target(args.target, args.lab, args.checkpoint, args.format)
+    target = load_target(args.target, args.lab, args.checkpoint, args.format, args.prefix_len)
     if not has_loop(target.model):
         raise UsageError(str(target.path), "is a GPT baseline (looped = false): it has no loop to exit from",
                          "Pass a looped model")

@@ -18,6 +18,8 @@ def add_trace(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", nargs="?", help="a run, checkpoint file or checkpoint directory (parcae_lm, hrm_text, "
                                              "huginn); default: fresh LoopedLMs")
     p.add_argument("--format", help="with TARGET: force the format of a checkpoint directory")
+    p.add_argument("--prefix-len", type=int, default=0, metavar="N",
+                   help="with an hrm_text TARGET: positions 0..N-1 are the instruction of the prefix-LM mask")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="with TARGET: a run's checkpoint (default: newest)")
     p.add_argument("--injection", default="all", help="without TARGET: injection to trace, or all")
     p.add_argument("--depth", type=int, help="loop iterations to trace (default 8; with TARGET 2·μ_rec)")
@@ -32,12 +34,12 @@ def trace(args: argparse.Namespace) -> int:
     (analysis/trace.py), or of a fresh LoopedLM per injection."""
     import torch
 
-    check_counts(args, depth=1, batch=1)
+    check_counts(args, depth=1, batch=1, prefix_len=0)
     if args.target is not None:
         from stabilitylab.analysis.trace import interface_trace
         from stabilitylab.targets import load_target
 
-        target = load_target(args.target, args.lab, args.checkpoint, args.format)
+        target = load_target(args.target, args.lab, args.checkpoint, args.format, args.prefix_len)
         depth = args.depth or 2 * target.model.mu_rec
         batch = target.batch(args.batch, seed=args.seed)
         print_trace(target.label, interface_trace(target.model, batch.tokens, depth, batch.h0).to_dict(), depth)
