@@ -11,8 +11,10 @@ import pytest
 from stabilitylab import records
 from stabilitylab.config import ConfigError
 from stabilitylab.experiment import load_experiment
-from stabilitylab.store import RunWriter, open_run
+from stabilitylab.store import open_run
 from stabilitylab.train.trainer import train
+
+from test_train import train_killed_at_step_5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = Path(__file__).resolve().parents[1] / "experiments" / "tiny.toml"
@@ -44,17 +46,7 @@ def test_a_resumed_run_continues_the_radius_estimate_of_the_uninterrupted_one(tm
     checkpoint, the run records the uninterrupted run's estimates bit for bit."""
     exp = tiny(corpus_cache, *EVERY_STEP, "train.checkpoint_every=3")
     assert train(exp, tmp_path, "whole", progress=False) == "finished"
-    log = RunWriter.log
-
-    def killed_at_step_5(writer, step, values):
-        if step == 5:
-            raise KeyboardInterrupt
-        log(writer, step, values)
-
-    monkeypatch.setattr(RunWriter, "log", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(exp, tmp_path, "resumed", progress=False)
-    monkeypatch.undo()
+    train_killed_at_step_5(exp, tmp_path, "resumed", monkeypatch)
     assert train(exp, tmp_path, "resumed", resume=True, progress=False) == "finished"
     names = [records.LOSS, records.RADIUS_ESTIMATE, records.CONTRACTION_RATE]
     whole, resumed = scalars(tmp_path, "whole", names), scalars(tmp_path, "resumed", names)
@@ -68,17 +60,7 @@ def test_a_run_recorded_before_the_every_step_probes_existed_still_resumes(tmp_p
     import sqlite3
 
     exp = tiny(corpus_cache, "train.checkpoint_every=3")
-    log = RunWriter.log
-
-    def killed_at_step_5(writer, step, values):
-        if step == 5:
-            raise KeyboardInterrupt
-        log(writer, step, values)
-
-    monkeypatch.setattr(RunWriter, "log", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(exp, tmp_path, "old", progress=False)
-    monkeypatch.undo()
+    train_killed_at_step_5(exp, tmp_path, "old", monkeypatch)
     with sqlite3.connect(tmp_path / "old" / "run.db") as con:
         config = json.loads(con.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
         del config["probes"]["radius_every"], config["probes"]["rate_every"]

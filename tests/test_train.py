@@ -42,10 +42,9 @@ def records(lab, run_id):
     }
 
 
-def test_a_resumed_run_records_exactly_what_an_uninterrupted_one_does(tmp_path, corpus_cache, monkeypatch):
-    exp = tiny(corpus_cache)  # 6 steps, checkpoints at 3 and 6, probes every 2, eval every 3
-    assert train(exp, tmp_path, "whole", progress=False) == "finished"
-
+def train_killed_at_step_5(exp, lab, run_id: str, monkeypatch) -> None:
+    """Train `run_id` until the store's log of step 5 raises KeyboardInterrupt (a kill
+    mid-run: steps 1-4 and the checkpoints before are kept)."""
     log = RunWriter.log
 
     def killed_at_step_5(writer, step, values):
@@ -55,8 +54,14 @@ def test_a_resumed_run_records_exactly_what_an_uninterrupted_one_does(tmp_path, 
 
     monkeypatch.setattr(RunWriter, "log", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        train(exp, tmp_path, "resumed", progress=False)
+        train(exp, lab, run_id, progress=False)
     monkeypatch.undo()
+
+
+def test_a_resumed_run_records_exactly_what_an_uninterrupted_one_does(tmp_path, corpus_cache, monkeypatch):
+    exp = tiny(corpus_cache)  # 6 steps, checkpoints at 3 and 6, probes every 2, eval every 3
+    assert train(exp, tmp_path, "whole", progress=False) == "finished"
+    train_killed_at_step_5(exp, tmp_path, "resumed", monkeypatch)
     interrupted = open_run("resumed", tmp_path).summary()
     assert (interrupted["status"], interrupted["last_step"]) == ("failed", 4)
 
