@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from stabilitylab.config import ModelConfig
 from stabilitylab.config.sizes import VE_GATE_CHANNELS  # the gate reads the first 32 channels of its input
+from stabilitylab.model.fused import relu_squared, rms_norm
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)  # dtypes that norms and RoPE lift to float32
 
@@ -47,7 +48,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fp32 and x.dtype in LOW_PRECISION:
             return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
-        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_table(head_dim: int, length: int, base: float) -> Tensor:
@@ -117,7 +118,7 @@ class Attention(nn.Module):
         if self.rope:
             qk = apply_rope(qk, rope[start:])
         if self.qk_norm:
-            qk = F.rms_norm(qk, (D,))
+            qk = rms_norm(qk)
         q, k = qk.split([H, Hkv], dim=2)
         return q, k, v
 
@@ -152,8 +153,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
         if self.act == "relu2":  # proj(0.5·relu(h)²) = 0.5·proj(relu(h)²): scale the narrow side
-            r = F.relu(h)  # r·r, not r.square(): its backward is 1.6× cheaper on CPU (same numbers)
-            return self.proj(r * r).mul(0.5)
+            return self.proj(relu_squared(h)).mul(0.5)
         return self.proj(F.gelu(h) if self.act == "gelu" else F.silu(h))
 
 
