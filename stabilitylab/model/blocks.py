@@ -153,7 +153,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
         if self.act == "relu2":  # proj(0.5·relu(h)²) = 0.5·proj(relu(h)²): scale the narrow side
-            return self.proj(relu_squared(h)).mul(0.5)
+            return self.proj(relu_squared(h)).mul_(0.5)
         return self.proj(F.gelu(h) if self.act == "gelu" else F.silu(h))
 
 

@@ -54,7 +54,7 @@ class _ReluSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_r: Tensor | None) -> Tensor | None:
         (r,) = ctx.saved_tensors
-        out = None if grad is None else grad * r * 2
+        out = None if grad is None else (grad * r).mul_(2)
         if grad_r is not None:
             out = torch.where(r > 0, grad_r, 0.0) if out is None else out + torch.where(r > 0, grad_r, 0.0)
         return out
@@ -87,7 +87,7 @@ def _normalise_grad(g: Tensor | None, grad_s: Tensor | None, x_hat: Tensor, s: T
     out = None
     if g is not None:
         mean = torch.linalg.vecdot(g, x_hat, dim=-1).unsqueeze(-1) / x_hat.shape[-1]
-        out = torch.addcmul(g, x_hat, mean, value=-1) * s
+        out = torch.addcmul(g, x_hat, mean, value=-1).mul_(s)
     if grad_s is not None:
         term = x_hat * (grad_s * s * s / x_hat.shape[-1])
         out = -term if out is None else out - term
