@@ -18,13 +18,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
-# the quick constrained-vs-unconstrained comparison (~1-2 min; finished runs are kept),
+# the quick constrained-vs-unconstrained comparison (about 30 s on 2 idle cores; finished runs are kept),
 # then the dashboard on it
 demo: venv
 	$(BIN)/stabilitylab sweep experiments/quick.toml --jobs 2 --lab runs
 	$(BIN)/stabilitylab dashboard runs
 
-# every claim experiment (experiments/README.md: ~75 min here on 2 cores; finished runs
+# every claim experiment (experiments/README.md: 67 min here on 2 cores; finished runs
 # are kept, so an interrupted `make reproduce` picks up where it stopped), each evaluated at
 # its test depths by the trainer; then these experiments, without checkpoints, replace theirs in
 # the reference lab the dashboard opens (the warning benchmark of `make warnings` stays), and the
