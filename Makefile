@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo dashboard test test-all bench clean reproduce warnings
+.PHONY: venv demo dashboard test test-all bench clean reproduce reference-lab warnings
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,18 +26,23 @@ demo: venv
 
 # every claim experiment (experiments/README.md: 67 min here on 2 cores; finished runs
 # are kept, so an interrupted `make reproduce` picks up where it stopped), each evaluated at
-# its test depths by the trainer; then these experiments, without checkpoints, replace theirs in
-# the reference lab the dashboard opens (the warning benchmark of `make warnings` stays), and the
-# report's numbers and figures are computed from it
+# its test depths by the trainer; then the reference lab and the report from them
 REPRO_LAB ?= data/labs/reproduce
+REFERENCE_LAB ?= data/reference-lab
 CLAIMS := quick c1_stability_grid c3_depth_sampling c4_prelude_norm c5_test_time_depth c7_zoh c6_isoflop
 reproduce: venv
 	for e in $(CLAIMS); do $(BIN)/stabilitylab sweep experiments/$$e.toml --jobs 2 --lab $(REPRO_LAB) || exit 1; done
-	mkdir -p data/reference-lab && for e in $(CLAIMS); do rm -rf data/reference-lab/$$e; done
-	tar -C $(REPRO_LAB) --exclude=checkpoints --exclude=writer.lock -cf - $(CLAIMS) | tar -C data/reference-lab -xf -
-	$(BIN)/stabilitylab compact data/reference-lab
-	du -sh data/reference-lab
-	$(BIN)/python experiments/report.py data/reference-lab
+	$(MAKE) --no-print-directory reference-lab
+
+# the claim experiments of REPRO_LAB, without checkpoints, replace theirs in the reference lab
+# the dashboard opens (what else is there stays: the warning benchmark of `make warnings`);
+# then the report's numbers and figures are computed from it
+reference-lab: venv
+	mkdir -p $(REFERENCE_LAB) && for e in $(CLAIMS); do rm -rf $(REFERENCE_LAB)/$$e; done
+	tar -C $(REPRO_LAB) --exclude=checkpoints --exclude=writer.lock -cf - $(CLAIMS) | tar -C $(REFERENCE_LAB) -xf -
+	$(BIN)/stabilitylab compact $(REFERENCE_LAB)
+	du -sh $(REFERENCE_LAB)
+	$(BIN)/python experiments/report.py $(REFERENCE_LAB)
 
 # the early-warning benchmark (docs/analysis.md, Forecasting): 18 runs that diverge late,
 # trained by a plain loop with LoopMonitor attached, then every warning scored on them

@@ -6,6 +6,7 @@ The numbers must come out the same on a second run of the script (they regenerat
 import importlib.util
 import json
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -124,3 +125,36 @@ def test_the_report_draws_its_figures_with_chromium(report_out):
     assert pngs == sorted(f"{n}.png" for n in ("c1_grid", "c2_trajectories", "c3_depth_sampling", "c4_prelude_norm",
                                                "c5_test_time", "c6_isoflop", "c7_zoh", "dynamics"))
     assert all((report_out / "figures" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_reference_lab_replaces_the_claims_and_keeps_the_warning_benchmark(tmp_path):
+    """`make reproduce`'s last part: the claim experiments of the reproduction lab, without
+    checkpoints or writer locks, replace theirs in the reference lab; the warning benchmark
+    (trained by `make warnings`, not by the sweeps) stays, since REPORT.md §C2 is computed from it.
+    The venv's commands are stand-ins that record their arguments."""
+    venv, repro, ref, calls = tmp_path / "venv", tmp_path / "repro", tmp_path / "ref", tmp_path / "calls"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("stabilitylab", "python"):
+        (venv / "bin" / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (venv / "bin" / tool).chmod(0o755)
+    (venv / ".installed").touch()  # newer than requirements.txt: make takes the venv as built
+    claims = ["quick", *SMALLEST]
+    for name in claims:
+        run = repro / name / "seed=0"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "run.db").write_text("new")
+        (run / "writer.lock").touch()
+        (run / "checkpoints" / "step_000010.pt").touch()
+    (ref / "c1_stability_grid" / "stale-run").mkdir(parents=True)
+    (ref / "c2_late_divergence" / "seed=0").mkdir(parents=True)
+    (ref / "c2_late_divergence" / "seed=0" / "run.db").write_text("benchmark")
+
+    subprocess.run(["make", "-s", "-C", str(REPO), "reference-lab", f"VENV={venv}", f"REPRO_LAB={repro}",
+                    f"REFERENCE_LAB={ref}"], check=True, capture_output=True)
+
+    assert (ref / "c2_late_divergence" / "seed=0" / "run.db").read_text() == "benchmark"
+    assert not (ref / "c1_stability_grid" / "stale-run").exists()
+    for name in claims:
+        assert sorted(p.name for p in (ref / name / "seed=0").iterdir()) == ["run.db"], name
+    assert calls.read_text().splitlines() == [f"stabilitylab compact {ref}", f"python experiments/report.py {ref}"]
