@@ -25,7 +25,6 @@ processes see exactly the rows of one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from tqdm import tqdm
 from stabilitylab import records
 from stabilitylab.config import ConfigError
 from stabilitylab.data import is_shards, prepare
-from stabilitylab.experiment import ExperimentConfig
+from stabilitylab.experiment import ExperimentConfig, build_experiment
 from stabilitylab.model import Depth, LoopedLM, count_parameters, sample_depth, training_flops_per_token
 from stabilitylab.store import Run, RunWriter, StoreError, run_id_parts
 from stabilitylab.train import distributed
@@ -317,29 +316,17 @@ EXECUTION_FIELDS = ("train.parallel", "train.param_dtype", "train.activation_che
 
 def _check_same_config(run: Run, exp: ExperimentConfig) -> None:
     """Refuse to resume a run with a config other than its own (EXECUTION_FIELDS may differ).
-    A field the stored config lacks is the same if the current value is its default: a
-    field added to the lab since the run started (e.g. probes.radius_every) changes nothing."""
-    stored, current = _leaves(run.meta()["config"]), _leaves(exp.to_dict())
+    The stored config is built as the lab builds any config, so a field it lacks takes its
+    default: a field added to the lab since the run started (e.g. probes.radius_every) at its
+    default changes nothing."""
+    stored = _leaves(build_experiment(run.meta()["config"], source=run.path / "config.json").to_dict())
+    current = _leaves(exp.to_dict())
     differ = [key for key in sorted(set(stored) | set(current))
-              if stored.get(key) != current.get(key) and key not in EXECUTION_FIELDS
-              and not (key not in stored and current[key] == _default(exp, key))]
+              if stored.get(key) != current.get(key) and key not in EXECUTION_FIELDS]
     if differ:
         raise ConfigError(", ".join(differ[:5]), "differs from the config the run was trained with",
                           f"Resume with the run's own settings (see {run.path / 'config.json'}), or train a "
                           "new run (--run-id)", source=run.path)
-
-
-def _default(exp: ExperimentConfig, key: str):
-    """The dataclass default of the config field at dotted `key` ("probes.radius_every"), or a
-    sentinel that equals nothing when the field has none."""
-    *path, name = key.split(".")
-    section = exp
-    for part in path:
-        section = getattr(section, part, None)
-    for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
-        if f.name == name and f.default is not dataclasses.MISSING:
-            return f.default
-    return object()
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
