@@ -55,8 +55,9 @@ class _ReluSquared(torch.autograd.Function):
     def backward(ctx, grad: Tensor | None, grad_r: Tensor | None) -> Tensor | None:
         (r,) = ctx.saved_tensors
         out = None if grad is None else (grad * r).mul_(2)
-        if grad_r is not None:
-            out = torch.where(r > 0, grad_r, 0.0) if out is None else out + torch.where(r > 0, grad_r, 0.0)
+        if grad_r is not None:  # only in a second derivative: the path through r = relu(h)
+            through_r = torch.where(r > 0, grad_r, 0.0)
+            out = through_r if out is None else out + through_r
         return out
 
     @staticmethod
