@@ -35,7 +35,7 @@ from stabilitylab.records import RADIUS_ESTIMATE
 GRID = {"loop_window": [5, 10, 20, 40], "loop_patience": [1, 5, 10, 20],
         "nowcast_patience": [1, 2]}  # ≤ 2: a patience p spends p − 1 of the nowcast's 5-step horizon
 GOALS = {"recall": 0.9, "precision": 0.8}  # the issue's; the lead is what the choice maximises
-CENSOR = 50.0  # steps: the trend signals' forecast_horizon, the farthest any signal here claims to see
+CENSOR = WarningRules().forecast_horizon  # steps: the farthest any signal here claims to see
 COLUMNS = ["signal", "runs", "early", "late", "missed", "false_alarm", "censored", "recall", "precision",
            "median_lead_steps", "p10_lead_steps", "median_lead_tokens", "false_alarms_per_1000_healthy_steps"]
 

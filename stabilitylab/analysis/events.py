@@ -396,16 +396,6 @@ def _signals(history: History, rules: WarningRules, bound: float) -> dict[str, t
     return {name: item for name, item in out.items() if len(item[0])}
 
 
-def _first_sustained(fires: np.ndarray, patience: int) -> int | None:
-    """Index of the first entry ending a run of `patience` consecutive True values."""
-    run = 0
-    for i, ok in enumerate(fires):
-        run = run + 1 if ok else 0
-        if run >= patience:
-            return i
-    return None
-
-
 @dataclass
 class RunEvents:
     """What a run's history says: its spikes, its divergence, and each early-warning signal
@@ -450,9 +440,10 @@ def early_warnings(history: History, divergence: Divergence | None, max_state_no
     warnings = []
     signals = _signals(history, rules, max_state_norm)
     for name, (values, fires, text) in signals.items():
-        i = _first_sustained(fires, rules.patience)
-        if i is None:
+        first = np.flatnonzero(held(fires, rules.patience))
+        if not len(first):
             continue
+        i = int(first[0])
         step, value = int(values.index[i]), float(values.iloc[i])
         detail = text.format(value) + (f" for {rules.patience} probes" if rules.patience > 1 else "")
         lead = tokens = flops = None
@@ -597,6 +588,5 @@ def warning_scores(reports: Iterable[RunEvents], censor: float | None = None) ->
 __all__ = ["SPIKE", "DIVERGENCE", "EARLY_WARNING", "SIGNALS", "OUTCOMES", "SpikeDetector", "Spike", "find_spikes",
            "RULE_FIELDS", "run_divergence_config", "step_verdict",
            "Divergence", "find_divergence", "History", "loop_rate", "WarningRules", "EarlyWarning",
-           "state_forecast", "RunEvents", "early_warnings", "analyse", "analyse_run", "analyse_runs", "EVENTS_RESULT",
-           "missing_events", "write_events", "warning_table", "level_forecast", "forecast_signals", "warning_scores",
-           "held", "sustained"]
+           "RunEvents", "early_warnings", "analyse", "analyse_run", "analyse_runs", "EVENTS_RESULT",
+           "missing_events", "write_events", "warning_table", "forecast_signals", "warning_scores"]

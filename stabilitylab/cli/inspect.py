@@ -122,11 +122,14 @@ def add_dashboard(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=dashboard)
 
 
+APPS = Path(__file__).resolve().parents[2] / "apps"  # beside the package in the repository
+
+
 def dashboard_command(lab: str | None, port: int) -> list[str]:
     """`python -m streamlit run apps/dashboard.py ... -- --lab LAB`: the dashboard lives
     beside the package in the repository (apps/ is not installed). The script health check
     is on so apps/warm.py can run the app once in the fresh server (see dashboard)."""
-    app = Path(__file__).resolve().parents[2] / "apps" / "dashboard.py"
+    app = APPS / "dashboard.py"
     if not app.is_file():
         raise UsageError("dashboard", f"{app} is missing: the dashboard ships with the repository",
                          "Run it from a clone")
@@ -144,7 +147,7 @@ def dashboard(args: argparse.Namespace) -> NoReturn:
 
     command = dashboard_command(args.lab, args.port)
     host = os.environ.get("STREAMLIT_SERVER_ADDRESS") or "127.0.0.1"
-    subprocess.Popen([sys.executable, str(Path(command[4]).with_name("warm.py")), f"http://{host}:{args.port}"],
+    subprocess.Popen([sys.executable, str(APPS / "warm.py"), f"http://{host}:{args.port}"],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
     os.execv(command[0], command)

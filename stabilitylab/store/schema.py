@@ -225,7 +225,7 @@ def upgrade(con: sqlite3.Connection) -> None:
     if con.execute("PRAGMA user_version").fetchone()[0] >= 2:
         return
     with transaction(con):
-        con.execute(SUMMARY_TABLE.split("--")[0])
+        con.execute(SUMMARY_TABLE)
         write_summary(con, compute_summary(con))
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

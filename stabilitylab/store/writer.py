@@ -356,7 +356,8 @@ class RunWriter:
         its scans."""
         summary = dict(self._summary)
         norm = self._ids.get(STATE_NORM_SCALAR)
-        new_norms = [v for row in self._steps.values() if isinstance(v := row.get(norm), float) and v == v]
+        # a NaN is buffered as NAN_BLOB, never as a float
+        new_norms = [v for row in self._steps.values() if isinstance(v := row.get(norm), float)]
         new_rhos = [r[1] for r in self._buffers["spectra"] if r[1] is not None and r[1] == r[1]]
         for key, new in (("max_state_norm", new_norms), ("max_rho", new_rhos)):
             summary[key] = max([*new, *([] if summary[key] is None else [summary[key]])], default=None)
