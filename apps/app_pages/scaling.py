@@ -112,8 +112,8 @@ st.dataframe(fits.params_table(result), hide_index=True)
 x_name = st.selectbox("x axis", spec.inputs, key="scaling_x")
 others = [n for n in spec.inputs if n != x_name]
 groups = data.groupby(others) if others else [((), data)]
-fig = charts.figure([], {"title": {"text": spec.formula}, "xaxis": {"title": {"text": x_name}, "type": "log"
-                                                                       if x_name in spec.positive else "linear"},
+fig = charts.figure([], {"title": {"text": spec.formula},
+                         "xaxis": {"title": {"text": x_name}, **charts.scale(x_name in spec.positive)},
                          "yaxis": {"title": {"text": "L"}}, "legend": {"orientation": "h", "y": -0.25}})
 for held, symbol in ((False, "circle"), (True, "circle-open")):
     part = data[data["held_out"] == held]

@@ -32,6 +32,12 @@ HEIGHT = 330
 SIDES = {"left": "#d62728", "right": "#1f77b4"}  # a pair's sides: unconstrained red, constrained blue
 
 
+def scale(log: bool) -> dict:
+    """An axis's type. On a log axis every tick is labelled with its whole value: plotly's default
+    labels the ticks between powers of ten with their first digit alone, so 0.4 reads as "4"."""
+    return {"type": "log", "minorloglabels": "complete"} if log else {"type": "linear"}
+
+
 def color(key: str) -> str:
     """A run's (or seed group's) colour: the same on every page and in every session. The
     keys "left" and "right" are the two sides of a pair, always red and blue."""
@@ -211,8 +217,8 @@ def panel_figure(panel: Panel) -> dict:
     for facet in range(n):
         xa, ya = _axes(facet)
         layout.setdefault(f"xaxis{facet + 1 if facet else ''}", {}).update(
-            type="log" if panel.log_x else "linear", title={"text": panel.x_title})
-        layout.setdefault(f"yaxis{facet + 1 if facet else ''}", {}).update(type="log" if panel.log_y else "linear")
+            scale(panel.log_x), title={"text": panel.x_title})
+        layout.setdefault(f"yaxis{facet + 1 if facet else ''}", {}).update(scale(panel.log_y))
     layout["yaxis"]["title"] = {"text": panel.title}
     legend = {"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 11}} if panel.legend_right \
         else {"orientation": "h", "y": -0.25}
@@ -233,7 +239,7 @@ def lines_figure(title: str, lines: list[tuple], *, x_title: str, y_title: str =
     shapes = [] if hline is None else [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": hline,
                                          "y1": hline, "line": {"color": "crimson", "dash": "dash"}}]
     return figure(data, {"title": {"text": title}, "shapes": shapes, "xaxis": {"title": {"text": x_title}},
-                         "yaxis": {"title": {"text": y_title}, "type": "log" if log_y else "linear",
+                         "yaxis": {"title": {"text": y_title}, **scale(log_y),
                                    **({"range": list(y_range)} if y_range else {})}})
 
 
@@ -356,7 +362,7 @@ def side_by_side_figure(panels: list[tuple[str, bool, float | None]],
         xa, ya = _axes(i)
         suffix = i + 1 if i else ""
         layout.setdefault(f"xaxis{suffix}", {}).update(title={"text": x_title})
-        layout.setdefault(f"yaxis{suffix}", {}).update(type="log" if log_y else "linear")
+        layout.setdefault(f"yaxis{suffix}", {}).update(scale(log_y))
         if hline is not None:
             shapes.append({"type": "line", "xref": f"{xa} domain", "yref": ya, "x0": 0, "x1": 1, "y0": hline,
                            "y1": hline, "line": {"color": "crimson", "dash": "dash"}})
