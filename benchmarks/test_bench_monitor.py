@@ -19,11 +19,11 @@ alternate round by round; the report gives medians and the throughput ratios off
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
 
 import torch
 from conftest import THREADS
+from timing import alternate_clocks
 
 import stabilitylab as sl
 from stabilitylab.monitor import RADIUS_EVERY, LoopMonitor, MonitorConfig
@@ -35,7 +35,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def loop(trace: bool, lab=None, config: MonitorConfig = MonitorConfig()):
-    """A function running RADIUS_EVERY training steps, and its monitor (when `lab` is given) or None."""
+    """One training step (a function), and its monitor (when `lab` is given) or None."""
     torch.manual_seed(0)
     model = sl.LoopedLM(SMALL)
     monitor = LoopMonitor(model, lab, f"bench-{config.radius_every}", config=config) if lab is not None else None
@@ -53,27 +53,7 @@ def loop(trace: bool, lab=None, config: MonitorConfig = MonitorConfig()):
             monitor.step(next(steps), loss=out.loss, model=model, tokens=x, state=out.state, trace=out.trace)
         opt.zero_grad(set_to_none=True)
 
-    def steps_of_one_update():
-        for _ in range(RADIUS_EVERY):
-            step()
-
-    return steps_of_one_update, monitor
-
-
-def alternate_on_two_clocks(contenders: dict, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Median seconds per call of each contender on each clock, in alternating rounds."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: {clock: [] for clock in CLOCKS} for name in contenders}
-    for r in range(rounds):
-        order = list(contenders.items())
-        for name, fn in (reversed(order) if r % 2 else order):
-            start = {clock: read() for clock, read in CLOCKS.items()}
-            fn()
-            for clock, read in CLOCKS.items():
-                samples[name][clock].append(read() - start[clock])
-    return {name: {clock: statistics.median(s) for clock, s in by_clock.items()} for name, by_clock in samples.items()}
+    return step, monitor
 
 
 def test_monitor_overhead_beside_a_training_step(benchmark, tmp_path):
@@ -81,16 +61,17 @@ def test_monitor_overhead_beside_a_training_step(benchmark, tmp_path):
     traced, _ = loop(trace=True)
     on, monitor = loop(trace=True, lab=tmp_path)
     every, every_monitor = loop(trace=True, lab=tmp_path, config=MonitorConfig(radius_every=1))
-    times = alternate_on_two_clocks({"off": off, "trace": traced, "on": on, "every": every}, rounds=21, warmup=2)
+    times = alternate_clocks({"off": off, "trace": traced, "on": on, "every": every}, CLOCKS, rounds=21,
+                             warmup=2 * RADIUS_EVERY, inner=RADIUS_EVERY)  # a round: one radius update
     monitor.close()
     every_monitor.close()
     ratio = {clock: times["off"][clock] / times["on"][clock] for clock in CLOCKS}
     ratio_every = {clock: times["off"][clock] / times["every"][clock] for clock in CLOCKS}
     benchmark.extra_info.update(threads=THREADS, radius_every=RADIUS_EVERY, throughput_ratio=ratio["wall"],
                                 cpu_ratio=ratio["cpu"], every_step_ratio=ratio_every["wall"],
-                                **{f"{k}_{c}_ms": v[c] * 1e3 / RADIUS_EVERY for k, v in times.items() for c in CLOCKS})
+                                **{f"{k}_{c}_ms": v[c] * 1e3 for k, v in times.items() for c in CLOCKS})
     print(f"\nmonitor, {THREADS} threads, per step (wall | cpu ms): "
-          + ", ".join(f"{k} {v['wall'] * 1e3 / RADIUS_EVERY:.1f} | {v['cpu'] * 1e3 / RADIUS_EVERY:.1f}"
+          + ", ".join(f"{k} {v['wall'] * 1e3:.1f} | {v['cpu'] * 1e3:.1f}"
                       for k, v in times.items())
           + f"\nthroughput off/on (radius every {RADIUS_EVERY}): wall ×{ratio['wall']:.3f}, cpu ×{ratio['cpu']:.3f}; "
           f"radius every step: wall ×{ratio_every['wall']:.3f}, cpu ×{ratio_every['cpu']:.3f}")
