@@ -63,15 +63,16 @@ def packed(values: np.ndarray, dtype: str = "f8") -> dict:
     return spec
 
 
-def figure_dict(data: list[dict], layout: dict) -> dict:
+def figure_dict(data: list[dict], layout: dict, dtype: str = "f8") -> dict:
     """A figure as the plain dict st.plotly_chart sends as it is: numeric arrays packed (see
     packed), no plotly objects built (go.Figure deep-copies and walks every trace twice,
-    ~1 s for a Compare panel of a few hundred traces)."""
+    ~1 s for a Compare panel of a few hundred traces). dtype "f4" sends float32, values
+    beyond its range clipped to its largest (a diverged ‖h_T‖ draws at the top, not as inf)."""
     for trace in data:
         for key in ("x", "y", "z"):
             value = trace.get(key)
             if isinstance(value, np.ndarray) and value.dtype.kind in "fiub" and value.size:
-                trace[key] = packed(value)
+                trace[key] = packed(value if dtype == "f8" else np.clip(value, -F32_MAX, F32_MAX), dtype)
     return {"data": data, "layout": {"height": HEIGHT, "margin": {"t": 40, "b": 40, "l": 60, "r": 20}, **layout}}
 
 
@@ -210,10 +211,6 @@ def panel_figure(panel: Panel) -> dict:
             xa, ya = _axes(facet)
             shapes.append({"type": "line", "xref": f"{xa} domain", "yref": ya, "x0": 0, "x1": 1,
                            "y0": panel.hline, "y1": panel.hline, "line": {"color": "crimson", "dash": "dash"}})
-    for trace in data:  # float32 on screen: half the bytes to send and parse (7 digits; the CSV is exact)
-        for key in ("x", "y"):
-            if isinstance(trace.get(key), np.ndarray) and trace[key].size:
-                trace[key] = packed(np.clip(trace[key], -F32_MAX, F32_MAX), "f4")
     for facet in range(n):
         xa, ya = _axes(facet)
         layout.setdefault(f"xaxis{facet + 1 if facet else ''}", {}).update(
@@ -222,8 +219,9 @@ def panel_figure(panel: Panel) -> dict:
     layout["yaxis"]["title"] = {"text": panel.title}
     legend = {"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 11}} if panel.legend_right \
         else {"orientation": "h", "y": -0.25}
+    # float32 on screen: half the bytes to send and parse (7 digits; the CSV is exact)
     return figure_dict(data, {**layout, "shapes": shapes, "title": {"text": panel.title}, "height": panel.height,
-                         "legend": legend, "hovermode": "closest"})
+                              "legend": legend, "hovermode": "closest"}, dtype="f4")
 
 
 def lines_figure(title: str, lines: list[tuple], *, x_title: str, y_title: str = "", log_y: bool = False,
